@@ -11,6 +11,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 CC      ?= cc
 PKGS    := libuv fuse3 jansson sqlite3 libsodium
+EXTRA_LIBS := -lhttp_parser -lwslay
 
 ifeq ($(SANITIZE),1)
 BUILD   ?= build-san
@@ -28,10 +29,12 @@ CFLAGS  += -std=gnu11 $(OPT) $(WARN) -fstack-protector-strong -D_GNU_SOURCE \
            -DFUSE_USE_VERSION=35 -I. $(SANFLAGS) \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDFLAGS += $(SANFLAGS)
-LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lpthread
+LDLIBS  += $(shell pkg-config --libs $(PKGS) 2>/dev/null) $(EXTRA_LIBS) -lpthread
 
 CORE_SRC := $(wildcard core/*.c)
 FSD_SRC  := $(wildcard fsd/*.c)
+BRIDGE_SRC := $(wildcard bridge/*.c)
+BRIDGE_OBJ := $(BRIDGE_SRC:%.c=$(BUILD)/obj/%.o)
 CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/obj/%.o)
 FSD_OBJ  := $(FSD_SRC:%.c=$(BUILD)/obj/%.o)
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
@@ -49,16 +52,20 @@ $(BUILD)/libglcore.a: $(CORE_OBJ)
 	@mkdir -p $(dir $@)
 	ar rcs $@ $^
 
-$(BUILD)/guestlinkd: $(FSD_OBJ) $(BUILD)/libglcore.a
+$(BUILD)/libglbridge.a: $(BRIDGE_OBJ) $(BUILD)/libglcore.a
+	@mkdir -p $(dir $@)
+	ar rcs $@ $(BRIDGE_OBJ)
+
+$(BUILD)/guestlinkd: $(FSD_OBJ) $(BUILD)/libglbridge.a $(BUILD)/libglcore.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: tests/unit/%.c tests/unit/unit.h $(BUILD)/libglcore.a
+$(BUILD)/tests/%: tests/unit/%.c tests/unit/unit.h $(BUILD)/libglbridge.a $(BUILD)/libglcore.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libglcore.a $(LDLIBS) $(shell pkg-config --libs check)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libglbridge.a $(BUILD)/libglcore.a $(LDLIBS) $(shell pkg-config --libs check)
 
-$(BUILD)/tools/%: tools/%.c $(BUILD)/libglcore.a
+$(BUILD)/tools/%: tools/%.c $(BUILD)/libglbridge.a $(BUILD)/libglcore.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libglcore.a $(LDLIBS)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libglbridge.a $(BUILD)/libglcore.a $(LDLIBS)
 
 unit: $(UNIT_BIN)
 

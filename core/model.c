@@ -1336,6 +1336,22 @@ static int stage_attr(stage *st, size_t at, pending *p, uint64_t *seq)
 		else
 			p->row.vsock_cid = (int64_t)v;
 		p->changed = p->row.init_pid != base.init_pid || p->row.vsock_cid != base.vsock_cid;
+		/* a container runs while its init is bound: binding starts it,
+		 * release (the init exited, or the host unbound it) stops it; the
+		 * guest's readiness is forgotten either way, as LXD does on stop */
+		if (p->changed && p->attr == GL_ATTR_INIT_PID) {
+			bool was = base.init_pid != 0, is = p->row.init_pid != 0;
+
+			if (is && strcmp(base.state, "Stopped") == 0) {
+				p->row.state = state_names[ST_STARTED];
+				p->row.guest_state = 0;
+				action = "instance-started";
+			} else if (was && !is && strcmp(base.state, "Stopped") != 0) {
+				p->row.state = state_names[ST_STOPPED];
+				p->row.guest_state = 0;
+				action = "instance-stopped";
+			}
+		}
 		break;
 	}
 	case GL_ATTR_CGROUP:
@@ -1664,8 +1680,8 @@ static void apply_one(gl_model *m, pending *p)
 	case GL_OP_ATTR_SET:
 		r = instance_set_row(i, &p->row);
 		i->attr_mtime[p->attr] = p->now;
-		if (p->attr == GL_ATTR_INIT_PID || p->attr == GL_ATTR_VSOCK_CID)
-			i->attr_mtime[GL_ATTR_INIT_PID] = i->attr_mtime[GL_ATTR_VSOCK_CID] = p->now;
+		if (p->attr == GL_ATTR_INIT_PID)
+			i->attr_mtime[GL_ATTR_STATE] = p->now;
 		c = (gl_change){.kind = GL_CHANGE_ATTR, .inst = i, .attr = p->attr};
 		break;
 	}

@@ -79,7 +79,9 @@ const gl_entry *gl_instance_device_get(const gl_instance *i, const char *name, s
 typedef enum gl_attr {
 	GL_ATTR_TYPE,      /* "container" | "virtual-machine" */
 	GL_ATTR_STATE,     /* "Stopped" | "Started" | "Ready" */
-	GL_ATTR_INIT_PID,  /* decimal pid, "" when unbound */
+	GL_ATTR_INIT_PID,  /* decimal pid, "" when unbound; binding a Stopped
+	                      instance makes it Started, unbinding makes it
+	                      Stopped (and forgets the guest-set state) */
 	GL_ATTR_CGROUP,    /* absolute cgroup path, "" when unbound */
 	GL_ATTR_VSOCK_CID, /* decimal CID (3..0xfffffffe), "" when unbound */
 	GL_ATTR_VSOCK_UDS, /* absolute path, "" when unbound */
@@ -213,7 +215,8 @@ gl_sub *gl_sub_new(gl_model *m, gl_instance *inst, unsigned mask, gl_sub_notify 
 /* Like gl_sub_new, but first queue the instance's events with seq > since
  * from the in-memory history. If history does not reach back that far,
  * *gap is set to true (the caller should tell its client to resync) and
- * the queue starts with the oldest event held. */
+ * the queue starts with the oldest event held. `notify` is not called for
+ * the replayed events: the caller peeks right after this returns. */
 gl_sub *gl_sub_new_since(gl_model *m, gl_instance *inst, unsigned mask, uint64_t since,
                          bool *gap, gl_sub_notify notify, void *arg);
 /* The oldest queued event, or NULL when none is queued. Borrowed. */

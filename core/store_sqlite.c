@@ -381,9 +381,10 @@ static void sq_free(sq_store *s)
 int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errlen)
 {
 	bool fresh = false;
+	int rc, r, had_wal;
 	sq_store *s;
+	char *wal;
 	size_t i;
-	int rc, r;
 
 	*out = NULL;
 	s = calloc(1, sizeof(*s));
@@ -414,6 +415,15 @@ int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errl
 		r = -ENOMEM;
 		goto fail;
 	}
+	wal = sqlite3_mprintf("%s-wal", s->path);
+	if (!wal) {
+		set_err(s, "out of memory");
+		r = -ENOMEM;
+		goto fail;
+	}
+	had_wal = access(wal, F_OK) == 0;
+	sqlite3_free(wal);
+
 	rc = sqlite3_open_v2(s->path, &s->db,
 	                     SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
 	                     NULL);
@@ -428,9 +438,12 @@ int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errl
 		}
 		goto fail;
 	}
-	/* Closing a foreign WAL database must not checkpoint into it; turned
-	 * back on below once the file is known to be ours. */
-	sqlite3_db_config(s->db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, NULL);
+	/* Closing a refused database must leave its files as they were: with a
+	 * WAL already there, no checkpoint into the main file (and the WAL
+	 * stays); without one, the checkpoint of the empty WAL our reads made
+	 * writes nothing and removes it again. Back to normal once the file is
+	 * known to be ours. */
+	sqlite3_db_config(s->db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, had_wal, NULL);
 	sqlite3_busy_timeout(s->db, 5000);
 
 	r = check_file(s, &fresh);

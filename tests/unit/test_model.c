@@ -684,6 +684,41 @@ START_TEST(persists_across_reopen)
 }
 END_TEST
 
+START_TEST(binding_starts_and_stops)
+{
+	gl_model *m = open_fake(NULL);
+	gl_instance *i;
+	done d = {0};
+	gl_sub *s;
+	gl_buf b = GL_BUF_INIT;
+	char line[512];
+
+	do_ok(m, GL_OP_CREATE, "c1", NULL, NULL);
+	s = gl_sub_new(m, gl_model_find(m, "c1"), GL_EV_ALL, NULL, NULL);
+	submit_attr(m, "c1", GL_ATTR_INIT_PID, "4242", GL_ORIGIN_HOST, &d);
+	settle();
+	i = gl_model_find(m, "c1");
+	gl_instance_attr(i, GL_ATTR_STATE, &b);
+	ck_assert_str_eq(b.data, "Started");
+	ck_assert_int_eq(gl_instance_init_pid(i), 4242);
+	submit_attr(m, "c1", GL_ATTR_STATE, "Ready", GL_ORIGIN_GUEST, &d);
+	submit_attr(m, "c1", GL_ATTR_INIT_PID, "", GL_ORIGIN_DAEMON, &d);
+	settle();
+	gl_buf_reset(&b);
+	gl_instance_attr(i, GL_ATTR_STATE, &b);
+	ck_assert_str_eq(b.data, "Stopped");
+	ck_assert_str_eq(gl_instance_guest_state(i), "");
+	ck_assert_int_eq(gl_instance_init_pid(i), 0);
+	ck_assert(strstr(next_line(s, line, sizeof(line), NULL), "instance-started"));
+	ck_assert(strstr(next_line(s, line, sizeof(line), NULL), "instance-ready"));
+	ck_assert(strstr(next_line(s, line, sizeof(line), NULL), "instance-stopped"));
+	ck_assert_str_eq(next_line(s, line, sizeof(line), NULL), "");
+	gl_buf_free(&b);
+	gl_sub_free(s);
+	close_all(m);
+}
+END_TEST
+
 static Suite *model_suite(void)
 {
 	Suite *s = suite_create("model");
@@ -705,6 +740,7 @@ static Suite *model_suite(void)
 	tcase_add_test(t, observers);
 	tcase_add_test(t, close_cancels_queued);
 	tcase_add_test(t, persists_across_reopen);
+	tcase_add_test(t, binding_starts_and_stops);
 	suite_add_tcase(s, t);
 	return s;
 }
