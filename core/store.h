@@ -51,6 +51,8 @@ typedef struct gl_sop {
 
 /* What load() reports, in this order: every instance, then config, devices,
  * and the newest event sequence number of each instance that has one.
+ * Every pointer passed to a callback is borrowed for the call only; values
+ * are NUL-terminated (and may also hold NUL bytes within vlen).
  * A callback returning non-zero stops the load with that value. */
 typedef struct gl_store_loader {
 	void *arg;

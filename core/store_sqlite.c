@@ -91,6 +91,7 @@ typedef struct sq_store {
 	sqlite3 *db;
 	sqlite3_stmt *st[ST_COUNT];
 	int lock_fd;
+	int persist_wal;
 	char *path; /* the database file, for messages */
 } sq_store;
 
@@ -108,10 +109,16 @@ __attribute__((format(printf, 2, 3))) static void set_err(sq_store *s, const cha
 /* -errno for a failed SQLite call: disk full is the one failure callers act on. */
 static int map_rc(sq_store *s, int rc)
 {
-	int sys = sqlite3_system_errno(s->db);
+	int sys;
 
-	if ((rc & 0xff) == SQLITE_FULL || sys == ENOSPC || sys == EDQUOT)
+	if ((rc & 0xff) == SQLITE_FULL)
 		return -ENOSPC;
+	/* The system errno is only fresh after an I/O error. */
+	if ((rc & 0xff) == SQLITE_IOERR) {
+		sys = sqlite3_system_errno(s->db);
+		if (sys == ENOSPC || sys == EDQUOT)
+			return -ENOSPC;
+	}
 	return -EIO;
 }
 
@@ -212,7 +219,9 @@ static int probe_failed(sq_store *s, int rc)
 		set_err(s, "%s: out of memory", s->path);
 		return -ENOMEM;
 	default:
-		sys = sqlite3_system_errno(s->db);
+		sys = (rc & 0xff) == SQLITE_IOERR || (rc & 0xff) == SQLITE_CANTOPEN
+		              ? sqlite3_system_errno(s->db)
+		              : 0;
 		set_err(s, "cannot read %s: %s", s->path, sqlite3_errmsg(s->db));
 		return sys > 0 ? -sys : -EIO;
 	}
@@ -340,8 +349,11 @@ static int setup(sq_store *s, bool fresh)
 	}
 	sqlite3_finalize(st);
 
-	/* A modest page cache: the model holds everything in memory anyway. */
-	rc = exec_sql(s, "PRAGMA synchronous=FULL; PRAGMA cache_size=-4096;");
+	/* A modest page cache: the model holds everything in memory anyway.
+	 * The WAL is trimmed back to 8 MiB (twice the autocheckpoint size)
+	 * after a large batch grew it. */
+	rc = exec_sql(s, "PRAGMA synchronous=FULL; PRAGMA cache_size=-4096;"
+	                 "PRAGMA journal_size_limit=8388608;");
 	if (rc != SQLITE_OK)
 		return map_rc(s, rc);
 
@@ -371,6 +383,10 @@ static void sq_free(sq_store *s)
 
 	for (i = 0; i < ST_COUNT; i++)
 		sqlite3_finalize(s->st[i]);
+	/* With a size limit, the close would truncate the persistent WAL to
+	 * zero bytes; keep its blocks for the next start. */
+	if (s->persist_wal)
+		sqlite3_exec(s->db, "PRAGMA journal_size_limit=-1", NULL, NULL, NULL);
 	sqlite3_close_v2(s->db);
 	if (s->lock_fd >= 0)
 		close(s->lock_fd);
@@ -381,7 +397,7 @@ static void sq_free(sq_store *s)
 int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errlen)
 {
 	bool fresh = false;
-	int rc, r, had_wal;
+	int rc, r, had_wal, fd;
 	sq_store *s;
 	char *wal;
 	size_t i;
@@ -424,6 +440,12 @@ int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errl
 	had_wal = access(wal, F_OK) == 0;
 	sqlite3_free(wal);
 
+	/* Config values may be secrets (cloud-init user-data): create the file
+	 * private whatever the umask; SQLite gives its WAL and shm the same mode. */
+	fd = open(s->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd >= 0)
+		close(fd);
+
 	rc = sqlite3_open_v2(s->path, &s->db,
 	                     SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
 	                     NULL);
@@ -450,6 +472,11 @@ int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errl
 	if (r < 0)
 		goto fail;
 	sqlite3_db_config(s->db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 0, NULL);
+	/* Keep the WAL file (checkpointed, not removed) across restarts: commits
+	 * then overwrite allocated blocks instead of growing the file, which
+	 * makes each fdatasync a metadata commit as well on ext4. */
+	s->persist_wal = 1;
+	sqlite3_file_control(s->db, "main", SQLITE_FCNTL_PERSIST_WAL, &s->persist_wal);
 	r = setup(s, fresh);
 	if (r < 0)
 		goto fail;

@@ -5,6 +5,11 @@
 #ifndef GUESTLINK_TESTS_UNIT_H
 #define GUESTLINK_TESTS_UNIT_H
 
+/* nftw() needs it; the Makefile passes -D_GNU_SOURCE anyway. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
 #include <check.h>
 #include <ftw.h>
 #include <stdio.h>
