@@ -1,0 +1,475 @@
+/* guestlinkd: the host daemon. One libuv loop owns the model, the store's
+ * commit queue and the FUSE session; it runs in the foreground and logs to
+ * stderr. */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "core/model.h"
+#include "core/store.h"
+#include "bridge/devlxd.h"
+#include "fsd/fs.h"
+#include "fsd/log.h"
+
+#ifndef GUESTLINK_VERSION
+#define GUESTLINK_VERSION "0.1.0"
+#endif
+
+struct daemon {
+	uv_loop_t loop;
+	uv_signal_t sigint, sigterm;
+	gl_store *store;
+	gl_model *model;
+	gl_fs *fs;
+	gl_devlxd *devlxd;
+	bool stopping;
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+	        "Usage: guestlinkd --state-dir DIR --mount MNT [options]\n"
+	        "\n"
+	        "Keep a live model of container and VM instances (config, devices,\n"
+	        "cloud-init meta-data, state, events) and show it as a FUSE tree on MNT.\n"
+	        "Runs in the foreground; SIGINT or SIGTERM unmounts and exits.\n"
+	        "\n"
+	        "Options:\n"
+	        "  --state-dir DIR          where the database lives (required; created\n"
+	        "                           if missing, its parent must exist)\n"
+	        "  --mount MNT              mount point (required; created if missing)\n"
+	        "  --max-value-size BYTES   largest config value or device JSON\n"
+	        "                           (default 1M; suffixes K, M, G)\n"
+	        "  --max-queue-bytes BYTES  events queued per reader before it is dropped\n"
+	        "                           (default 4M; suffixes K, M, G)\n"
+	        "  --devlxd-socket PATH     serve LXD's guest API (/dev/lxd/sock) on PATH\n"
+	        "                           for every instance (bind-mount it into each\n"
+	        "                           container at /dev/lxd/sock)\n"
+	        "  --images-dir DIR         images for /1.0/images/*/export\n"
+	        "                           (default STATE-DIR/images)\n"
+	        "  --max-header-bytes N     devlxd request head limit (default 1M+4K; 431)\n"
+	        "  --max-conns N            devlxd connections in all (default 16384;\n"
+	        "                           when full the oldest idle one is closed)\n"
+	        "  --max-conns-per-instance N  (default 1024)\n"
+	        "  --max-subscribers N      event subscribers per instance (default 1024)\n"
+	        "  --header-timeout MS      a request head must arrive within MS\n"
+	        "                           (default 10000)\n"
+	        "  --idle-timeout MS        close idle keep-alive connections after MS\n"
+	        "                           (default 0: never, as LXD 5.0.2)\n"
+	        "  --no-allow-other         only root may enter the mount\n"
+	        "  --debug                  trace every FUSE request on stderr\n"
+	        "  -v, --verbose            log debug messages\n"
+	        "  -h, --help               show this help and exit\n"
+	        "  -V, --version            show the version and exit\n");
+}
+
+/* "1048576", "64K", "1M", "2MiB". 0 or -EINVAL. */
+static int parse_size(const char *s, size_t *out)
+{
+	unsigned long long v, mul = 1;
+	char *end;
+
+	if (!*s || *s == '-')
+		return -EINVAL;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -EINVAL;
+	switch (*end) {
+	case 'k':
+	case 'K':
+		mul = 1ULL << 10;
+		end++;
+		break;
+	case 'm':
+	case 'M':
+		mul = 1ULL << 20;
+		end++;
+		break;
+	case 'g':
+	case 'G':
+		mul = 1ULL << 30;
+		end++;
+		break;
+	}
+	if (mul > 1 && (strcmp(end, "iB") == 0 || strcmp(end, "B") == 0))
+		end += strlen(end);
+	if (*end || v == 0 || v > SIZE_MAX / mul)
+		return -EINVAL;
+	*out = v * mul;
+	return 0;
+}
+
+/* Make `dir` exist (one level). 0 or -errno; logs why. */
+static int ensure_dir(const char *what, const char *dir, mode_t mode)
+{
+	struct stat st;
+
+	if (stat(dir, &st) == 0) {
+		if (!S_ISDIR(st.st_mode)) {
+			log_error("%s %s is not a directory", what, dir);
+			return -ENOTDIR;
+		}
+		return 0;
+	}
+	if (errno != ENOENT) {
+		log_error("%s %s: %s", what, dir, strerror(errno));
+		return -errno;
+	}
+	if (mkdir(dir, mode) < 0) {
+		log_error("cannot create %s %s: %s", what, dir, strerror(errno));
+		return -errno;
+	}
+	log_info("created %s %s", what, dir);
+	return 0;
+}
+
+/* The absolute path of mnt, even when mnt itself is a dead mount that
+ * realpath cannot stat. */
+static int absolute_path(const char *mnt, char *out, size_t len)
+{
+	char parent[PATH_MAX], copy[PATH_MAX];
+	const char *base;
+	char *slash;
+
+	if (realpath(mnt, out))
+		return 0;
+	if (strlen(mnt) >= sizeof(copy))
+		return -ENAMETOOLONG;
+	strcpy(copy, mnt);
+	while ((slash = strrchr(copy, '/')) && slash[1] == '\0' && slash != copy)
+		*slash = '\0';
+	slash = strrchr(copy, '/');
+	if (!slash) {
+		base = copy;
+		strcpy(parent, ".");
+	} else {
+		*slash = '\0';
+		base = slash + 1;
+		strcpy(parent, slash == copy ? "/" : copy);
+	}
+	if (!realpath(parent, out))
+		return -errno;
+	if (strlen(out) + strlen(base) + 2 > len)
+		return -ENAMETOOLONG;
+	if (strcmp(out, "/") != 0)
+		strcat(out, "/");
+	strcat(out, base);
+	return 0;
+}
+
+/* Undo mountinfo's octal escapes (\040 for a space) in place. */
+static void unescape(char *s)
+{
+	char *w = s;
+
+	for (; *s; s++) {
+		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' &&
+		    s[3] >= '0' && s[3] <= '7') {
+			*w++ = (char)((s[1] - '0') * 64 + (s[2] - '0') * 8 + (s[3] - '0'));
+			s += 3;
+		} else {
+			*w++ = *s;
+		}
+	}
+	*w = '\0';
+}
+
+/* True if /proc/self/mountinfo lists a guestlink FUSE mount on path. */
+static bool guestlink_mounted(const char *path)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL, *mp, *sep, *fstype, *source, *save;
+	size_t cap = 0;
+	bool found = false;
+	int i;
+
+	if (!f)
+		return false;
+	while (!found && getline(&line, &cap, f) > 0) {
+		/* id parent maj:min root mountpoint opts [optional...] - fstype source superopts */
+		mp = strtok_r(line, " ", &save);
+		for (i = 0; mp && i < 4; i++)
+			mp = strtok_r(NULL, " ", &save);
+		if (!mp)
+			continue;
+		sep = strtok_r(NULL, " ", &save);
+		while (sep && strcmp(sep, "-") != 0)
+			sep = strtok_r(NULL, " ", &save);
+		fstype = sep ? strtok_r(NULL, " ", &save) : NULL;
+		source = fstype ? strtok_r(NULL, " ", &save) : NULL;
+		if (!source)
+			continue;
+		unescape(mp);
+		unescape(source);
+		found = strcmp(mp, path) == 0 && strcmp(fstype, "fuse.guestlink") == 0 &&
+		        strcmp(source, "guestlink") == 0;
+	}
+	free(line);
+	fclose(f);
+	return found;
+}
+
+/* A daemon that died leaves its mount answering ENOTCONN: detach it. */
+static void clean_leftover_mount(const char *mnt)
+{
+	char path[PATH_MAX];
+	struct stat st;
+	int i;
+
+	for (i = 0; i < 8; i++) {
+		bool dead = stat(mnt, &st) < 0 && errno == ENOTCONN;
+
+		if (!dead && (absolute_path(mnt, path, sizeof(path)) < 0 || !guestlink_mounted(path)))
+			return;
+		if (umount2(mnt, MNT_DETACH) < 0) {
+			log_warn("cannot detach the leftover mount on %s: %s", mnt, strerror(errno));
+			return;
+		}
+		log_info("detached a leftover guestlink mount on %s", mnt);
+	}
+}
+
+static void close_signals(struct daemon *d)
+{
+	if (!uv_is_closing((uv_handle_t *)&d->sigint))
+		uv_close((uv_handle_t *)&d->sigint, NULL);
+	if (!uv_is_closing((uv_handle_t *)&d->sigterm))
+		uv_close((uv_handle_t *)&d->sigterm, NULL);
+}
+
+static void on_fs_ended(gl_fs *fs, void *arg)
+{
+	struct daemon *d = arg;
+
+	/* The guests' connections go first: they hold event subscriptions. */
+	if (d->devlxd) {
+		gl_devlxd_stop(d->devlxd);
+		d->devlxd = NULL;
+	}
+	/* Answers the requests still waiting for a commit (the in-flight
+	 * batch finishes, the rest is cancelled) while the mount is there. */
+	gl_model_close(d->model);
+	d->model = NULL;
+	gl_fs_destroy(d->fs);
+	d->fs = NULL;
+	close_signals(d);
+	log_info("stopped");
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+	struct daemon *d = h->data;
+
+	if (d->stopping) {
+		log_info("%s again: still stopping", strsignal(signum));
+		return;
+	}
+	d->stopping = true;
+	log_info("%s: unmounting", strsignal(signum));
+	gl_fs_stop(d->fs);
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{"state-dir", required_argument, NULL, 's'},
+		{"mount", required_argument, NULL, 'm'},
+		{"max-value-size", required_argument, NULL, 'x'},
+		{"max-queue-bytes", required_argument, NULL, 'q'},
+		{"no-allow-other", no_argument, NULL, 'n'},
+		{"devlxd-socket", required_argument, NULL, 'S'},
+		{"images-dir", required_argument, NULL, 'I'},
+		{"max-header-bytes", required_argument, NULL, 'H'},
+		{"max-conns", required_argument, NULL, 'C'},
+		{"max-conns-per-instance", required_argument, NULL, 'P'},
+		{"max-subscribers", required_argument, NULL, 'B'},
+		{"header-timeout", required_argument, NULL, 'T'},
+		{"idle-timeout", required_argument, NULL, 'i'},
+		{"debug", no_argument, NULL, 'd'},
+		{"verbose", no_argument, NULL, 'v'},
+		{"help", no_argument, NULL, 'h'},
+		{"version", no_argument, NULL, 'V'},
+		{NULL, 0, NULL, 0},
+	};
+	const char *state_dir = NULL, *mnt = NULL;
+	gl_fs_opts fo = {.allow_other = true};
+	struct daemon d;
+	char err[512];
+	gl_limits lim;
+	gl_devlxd_opts dopts;
+	char images[PATH_MAX];
+	size_t n;
+	int c, r, status = 1;
+
+	gl_limits_default(&lim);
+	gl_devlxd_opts_default(&dopts);
+	opterr = 0; /* our own messages, in the log's format */
+	while ((c = getopt_long(argc, argv, "vhV", longopts, NULL)) != -1) {
+		switch (c) {
+		case 's':
+			state_dir = optarg;
+			break;
+		case 'm':
+			mnt = optarg;
+			break;
+		case 'x':
+			if (parse_size(optarg, &lim.max_value) < 0) {
+				log_error("--max-value-size: not a size: %s", optarg);
+				return 2;
+			}
+			break;
+		case 'q':
+			if (parse_size(optarg, &lim.max_sub_bytes) < 0) {
+				log_error("--max-queue-bytes: not a size: %s", optarg);
+				return 2;
+			}
+			break;
+		case 'n':
+			fo.allow_other = false;
+			break;
+		case 'S':
+			dopts.socket_path = optarg;
+			break;
+		case 'I':
+			dopts.images_dir = optarg;
+			break;
+		case 'H':
+		case 'C':
+		case 'P':
+		case 'B':
+		case 'T':
+		case 'i':
+			if (parse_size(optarg, &n) < 0 && strcmp(optarg, "0") != 0) {
+				log_error("%s: not a number: %s", argv[optind - 1], optarg);
+				return 2;
+			}
+			if (strcmp(optarg, "0") == 0)
+				n = 0;
+			if (c == 'H')
+				dopts.max_header_bytes = n;
+			else if (c == 'C')
+				dopts.max_conns = (unsigned)n;
+			else if (c == 'P')
+				dopts.max_conns_per_instance = (unsigned)n;
+			else if (c == 'B')
+				dopts.max_subs_per_instance = (unsigned)n;
+			else if (c == 'T')
+				dopts.header_timeout_ms = n;
+			else
+				dopts.idle_timeout_ms = n;
+			break;
+		case 'd':
+			fo.debug = true;
+			break;
+		case 'v':
+			gl_log_set_level(GL_LOG_DEBUG);
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		case 'V':
+			printf("guestlinkd %s\n", GUESTLINK_VERSION);
+			return 0;
+		default:
+			log_error("unknown option, or missing value: %s (see --help)",
+			          argv[optind - 1]);
+			return 2;
+		}
+	}
+	if (optind < argc) {
+		log_error("unexpected argument: %s", argv[optind]);
+		usage(stderr);
+		return 2;
+	}
+	if (!state_dir || !mnt) {
+		log_error("%s is required (see --help)", !state_dir ? "--state-dir" : "--mount");
+		return 2;
+	}
+	fo.mountpoint = mnt;
+
+	signal(SIGPIPE, SIG_IGN);
+	memset(&d, 0, sizeof(d));
+
+	if (ensure_dir("state directory", state_dir, 0700) < 0)
+		return 1;
+	err[0] = '\0';
+	r = gl_store_sqlite_open(state_dir, &d.store, err, sizeof(err));
+	if (r < 0) {
+		if (err[0])
+			log_error("%s", err);
+		else
+			log_error("%s: %s", state_dir, strerror(-r));
+		return 1;
+	}
+	r = uv_loop_init(&d.loop);
+	if (r < 0) {
+		log_error("uv_loop_init: %s", uv_strerror(r));
+		goto out_store;
+	}
+	err[0] = '\0';
+	d.model = gl_model_open(&d.loop, d.store, &lim, err, sizeof(err));
+	if (!d.model) {
+		log_error("cannot load %s: %s", state_dir, err[0] ? err : "unknown error");
+		goto out_loop;
+	}
+
+	clean_leftover_mount(mnt);
+	if (ensure_dir("mount point", mnt, 0755) < 0)
+		goto out_model;
+	r = gl_fs_start(&d.loop, d.model, &fo, on_fs_ended, &d, &d.fs);
+	if (r < 0)
+		goto out_model;
+
+	if (dopts.socket_path) {
+		if (!dopts.images_dir) {
+			snprintf(images, sizeof(images), "%s/images", state_dir);
+			dopts.images_dir = images;
+		}
+		err[0] = '\0';
+		r = gl_devlxd_start(&d.loop, d.model, &dopts, &d.devlxd, err, sizeof(err));
+		if (r < 0) {
+			log_error("devlxd socket %s: %s", dopts.socket_path,
+			          err[0] ? err : strerror(-r));
+			d.stopping = true;
+			status = 1;
+			gl_fs_stop(d.fs);
+			uv_run(&d.loop, UV_RUN_DEFAULT);
+			goto out_loop;
+		}
+		log_info("devlxd API on %s", dopts.socket_path);
+	}
+
+	uv_signal_init(&d.loop, &d.sigint);
+	uv_signal_init(&d.loop, &d.sigterm);
+	d.sigint.data = d.sigterm.data = &d;
+	uv_signal_start(&d.sigint, on_signal, SIGINT);
+	uv_signal_start(&d.sigterm, on_signal, SIGTERM);
+	log_info("serving %s on %s", state_dir, mnt);
+
+	uv_run(&d.loop, UV_RUN_DEFAULT);
+	status = 0;
+	goto out_loop;
+
+
+out_model:
+	gl_model_close(d.model);
+	d.model = NULL;
+out_loop:
+	/* Let closing handles finish, then close the loop. */
+	uv_run(&d.loop, UV_RUN_DEFAULT);
+	if (uv_loop_close(&d.loop) != 0)
+		log_debug("loop closed with handles still open");
+out_store:
+	gl_store_close(d.store);
+	return status;
+}
