@@ -313,6 +313,8 @@ int main(int argc, char **argv)
 
 	gl_limits_default(&lim);
 	gl_devlxd_opts_default(&dopts);
+	dopts.socket_path = NULL; /* the devlxd face runs only when asked for */
+	dopts.images_dir = NULL;
 	opterr = 0; /* our own messages, in the log's format */
 	while ((c = getopt_long(argc, argv, "vhV", longopts, NULL)) != -1) {
 		switch (c) {
@@ -430,6 +432,12 @@ int main(int argc, char **argv)
 	if (r < 0)
 		goto out_model;
 
+	uv_signal_init(&d.loop, &d.sigint);
+	uv_signal_init(&d.loop, &d.sigterm);
+	d.sigint.data = d.sigterm.data = &d;
+	uv_signal_start(&d.sigint, on_signal, SIGINT);
+	uv_signal_start(&d.sigterm, on_signal, SIGTERM);
+
 	if (dopts.socket_path) {
 		if (!dopts.images_dir) {
 			snprintf(images, sizeof(images), "%s/images", state_dir);
@@ -449,11 +457,6 @@ int main(int argc, char **argv)
 		log_info("devlxd API on %s", dopts.socket_path);
 	}
 
-	uv_signal_init(&d.loop, &d.sigint);
-	uv_signal_init(&d.loop, &d.sigterm);
-	d.sigint.data = d.sigterm.data = &d;
-	uv_signal_start(&d.sigint, on_signal, SIGINT);
-	uv_signal_start(&d.sigterm, on_signal, SIGTERM);
 	log_info("serving %s on %s", state_dir, mnt);
 
 	uv_run(&d.loop, UV_RUN_DEFAULT);
