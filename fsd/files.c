@@ -2,6 +2,8 @@
  * snapshots, scratch files, and events files whose reads park without a
  * thread. fi lives on libfuse's stack: everything a deferred reply needs
  * is copied into fs_fh or a small context first. */
+#include <dirent.h>
+#include <limits.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -330,6 +332,49 @@ static int commit(fs_fh *fh, fuse_req_t req)
 }
 
 /* FLUSH and FSYNC: commit if dirty and answer when durable. */
+/* Does the process closing a descriptor of fh still hold another one on
+ * the same file? close() detaches the descriptor before FLUSH is sent, so
+ * what remains in /proc/PID/fd is the rest. Read through readlink only:
+ * a stat() there would come back to this single-threaded daemon. Unknown
+ * (a caller outside our pid namespace) counts as yes. */
+static bool closer_holds_another(const fs_fh *fh, fuse_req_t req)
+{
+	const struct fuse_ctx *ctx = fuse_req_ctx(req);
+	const gl_node *n = fh->node;
+	char dir[64], link[PATH_MAX], path[PATH_MAX], target[PATH_MAX];
+	const char *sub = n->kind == GL_NODE_KEY      ? "/config/"
+	                  : n->kind == GL_NODE_DEVICE ? "/devices/"
+	                                              : "/";
+	struct dirent *de;
+	bool found = false;
+	DIR *d;
+	int len;
+
+	if (!ctx || ctx->pid <= 0 || !n->iname)
+		return true;
+	len = snprintf(path, sizeof(path), "%s/%s%s%s", fh->fs->mountpoint, n->iname, sub, n->name);
+	if (len < 0 || (size_t)len >= sizeof(path))
+		return true;
+	snprintf(dir, sizeof(dir), "/proc/%d/fd", (int)ctx->pid);
+	d = opendir(dir);
+	if (!d)
+		return true;
+	while (!found && (de = readdir(d))) {
+		ssize_t t;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(link, sizeof(link), "%s/%s", dir, de->d_name);
+		t = readlink(link, target, sizeof(target) - 1);
+		if (t < 0)
+			continue;
+		target[t] = '\0';
+		found = strcmp(target, path) == 0;
+	}
+	closedir(d);
+	return found;
+}
+
 static void commit_or_wait(fs_fh *fh, fuse_req_t req)
 {
 	struct fh_waiters *w = waiters_of(fh);
@@ -351,9 +396,11 @@ static void commit_or_wait(fs_fh *fh, fuse_req_t req)
 	/* Only a buffer that was written (or truncated) is committed here.
 	 * A shell redirection opens with O_TRUNC, dup2()s and closes the
 	 * first descriptor before anything is written: that FLUSH must not
-	 * commit an empty value (a torn write and an extra event). What was
-	 * only truncated at open is committed at RELEASE (`: > f`, `touch`). */
-	if (fh->dirty && fh->touched) {
+	 * commit an empty value (a torn write and an extra event). So a value
+	 * only truncated at open is committed at the close after which the
+	 * process holds no other descriptor on the file (`: > f`, `touch`),
+	 * and failing that at RELEASE. */
+	if (fh->dirty && (fh->touched || !closer_holds_another(fh, req))) {
 		r = commit(fh, req);
 		if (r < 0)
 			fuse_reply_err(req, -r);

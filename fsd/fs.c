@@ -4,6 +4,7 @@
  * (names point into the receive buffer, fi lives on libfuse's stack). */
 #include "fsd/fs.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -305,6 +306,30 @@ static bool all_digits(const char *s, size_t n)
 		if (s[i] < '0' || s[i] > '9')
 			return false;
 	return n > 0;
+}
+
+/* Names that mkstemp-style writers give their temporary files: sed -i
+ * ("sed" + 6 of [A-Za-z0-9]) and Python's tempfile ("tmp" + 8 of
+ * [a-z0-9_]). Created with O_EXCL they are scratch files, even where they
+ * would be valid device names, so that `sed -i` works in devices/ while
+ * `cp new devices/x` (also O_EXCL) still creates a device. */
+static bool looks_temporary(const char *s, size_t n)
+{
+	size_t i;
+
+	if (n == 9 && memcmp(s, "sed", 3) == 0) {
+		for (i = 3; i < n; i++)
+			if (!isalnum((unsigned char)s[i]))
+				return false;
+		return true;
+	}
+	if (n == 11 && memcmp(s, "tmp", 3) == 0) {
+		for (i = 3; i < n; i++)
+			if (!islower((unsigned char)s[i]) && !isdigit((unsigned char)s[i]) && s[i] != '_')
+				return false;
+		return true;
+	}
+	return false;
 }
 
 /* The node an instance directory's entry `name` stands for, or NULL. */
@@ -1222,7 +1247,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 	} else if (r != -ENOENT) {
 		fuse_reply_err(req, -r);
 		return;
-	} else if ((r = check_name(p, name, len)) == 0 && !(devices && excl)) {
+	} else if ((r = check_name(p, name, len)) == 0 && !(excl && looks_temporary(name, len))) {
 		/* A new key: committed when the file is closed. */
 		n = child(fs, p, name, len, devices ? GL_NODE_DEVICE : GL_NODE_KEY, 0, p->iname,
 		          p->iuid, NULL);

@@ -307,7 +307,7 @@ int main(int argc, char **argv)
 	char err[512];
 	gl_limits lim;
 	gl_devlxd_opts dopts;
-	char images[PATH_MAX];
+	char images[PATH_MAX], mntabs[PATH_MAX];
 	size_t n;
 	int c, r, status = 1;
 
@@ -397,7 +397,6 @@ int main(int argc, char **argv)
 		log_error("%s is required (see --help)", !state_dir ? "--state-dir" : "--mount");
 		return 2;
 	}
-	fo.mountpoint = mnt;
 
 	signal(SIGPIPE, SIG_IGN);
 	memset(&d, 0, sizeof(d));
@@ -428,6 +427,12 @@ int main(int argc, char **argv)
 	clean_leftover_mount(mnt);
 	if (ensure_dir("mount point", mnt, 0755) < 0)
 		goto out_model;
+	/* absolute: the tree compares it with paths read from /proc */
+	if (absolute_path(mnt, mntabs, sizeof(mntabs)) < 0) {
+		log_error("mount point %s: cannot resolve its path", mnt);
+		goto out_model;
+	}
+	fo.mountpoint = mntabs;
 	r = gl_fs_start(&d.loop, d.model, &fo, on_fs_ended, &d, &d.fs);
 	if (r < 0)
 		goto out_model;
