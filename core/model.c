@@ -1384,6 +1384,24 @@ static int stage_attr(stage *st, size_t at, pending *p, uint64_t *seq)
 	return r;
 }
 
+/* The common part of staging a config key or device set/unset: what it
+ * was before, whether the op may go ahead, whether it changes anything. */
+static int stage_value(stage *st, size_t at, pending *p, bool device, bool set)
+{
+	const char *old = "";
+	size_t olen = 0;
+
+	p->existed = st_value(st, at, p->instance, device, p->key, &old, &olen);
+	if (!set && !p->existed)
+		return -ENOENT;
+	if (set && !p->existed && st_nkeys(st, at, p->instance) >= st->m->lim.max_keys)
+		return -ENOSPC;
+	p->old = old;
+	p->old_len = olen;
+	p->changed = !set || !p->existed || olen != p->vlen || memcmp(old, p->value, olen);
+	return 0;
+}
+
 static int stage_one(stage *st, size_t at, pending *p)
 {
 	gl_model *m = st->m;
@@ -1435,20 +1453,15 @@ static int stage_one(stage *st, size_t at, pending *p)
 		break;
 	case GL_OP_CONFIG_SET:
 	case GL_OP_CONFIG_UNSET: {
-		const char *old = "";
-		size_t olen = 0;
 		bool set = p->kind == GL_OP_CONFIG_SET;
+		const char *old;
+		size_t olen;
 
-		p->existed = st_value(st, at, p->instance, false, p->key, &old, &olen);
-		if (!set && !p->existed)
-			return -ENOENT;
-		if (set && !p->existed && st_nkeys(st, at, p->instance) >= m->lim.max_keys)
-			return -ENOSPC;
-		p->old = old;
-		p->old_len = olen;
-		p->changed = !set || !p->existed || olen != p->vlen || memcmp(old, p->value, olen);
-		if (!p->changed)
+		r = stage_value(st, at, p, false, set);
+		if (r || !p->changed)
 			break;
+		old = p->old;
+		olen = p->old_len;
 		/* LXD compares old and new as strings: unset and "" are the same */
 		if (gl_key_evented(p->key)) {
 			if (olen == (set ? p->vlen : 0) && (!olen || !memcmp(old, p->value, olen)))
@@ -1466,20 +1479,15 @@ static int stage_one(stage *st, size_t at, pending *p)
 	}
 	case GL_OP_DEVICE_SET:
 	case GL_OP_DEVICE_UNSET: {
-		const char *old = NULL;
-		size_t olen = 0;
 		bool set = p->kind == GL_OP_DEVICE_SET;
+		const char *old;
+		size_t olen;
 
-		p->existed = st_value(st, at, p->instance, true, p->key, &old, &olen);
-		if (!set && !p->existed)
-			return -ENOENT;
-		if (set && !p->existed && st_nkeys(st, at, p->instance) >= m->lim.max_keys)
-			return -ENOSPC;
-		p->old = old;
-		p->old_len = olen;
-		p->changed = !set || !p->existed || olen != p->vlen || memcmp(old, p->value, olen);
-		if (!p->changed)
+		r = stage_value(st, at, p, true, set);
+		if (r || !p->changed)
 			break;
+		old = p->old;
+		olen = p->old_len;
 		if (p->existed) {
 			r = meta_device(&meta, "removed", p->key, old, olen);
 			if (!r)
