@@ -369,7 +369,9 @@ static bool closer_holds_another(const fs_fh *fh, fuse_req_t req)
 		if (t < 0)
 			continue;
 		target[t] = '\0';
-		found = strcmp(target, path) == 0;
+		/* a dentry the notifier invalidated reads as "PATH (deleted)" */
+		found = strncmp(target, path, (size_t)len) == 0 &&
+		        (target[len] == '\0' || strcmp(target + len, " (deleted)") == 0);
 	}
 	closedir(d);
 	return found;

@@ -195,6 +195,23 @@ int fs__stat(gl_fs *fs, gl_node *n, struct stat *st)
 	return -ENOENT;
 }
 
+/* Files change size with their value: never cached. Directories change
+ * (mtime, nlink) only through the model, which pushes an invalidation for
+ * each change; caching them spares the kernel's permission checks a round
+ * trip per path component. Not the root: after a crash, stat(MNT) must
+ * fail (ENOTCONN) at once, for us and for `mountpoint`-style checks. */
+double fs__attr_timeout(const gl_node *n)
+{
+	switch (n->kind) {
+	case GL_NODE_INSTANCE:
+	case GL_NODE_CONFIG_DIR:
+	case GL_NODE_DEVICES_DIR:
+		return FS_DIR_ATTR_TIMEOUT;
+	default:
+		return 0;
+	}
+}
+
 void fs__reply_attr(gl_fs *fs, fuse_req_t req, gl_node *n)
 {
 	struct stat st;
@@ -203,7 +220,7 @@ void fs__reply_attr(gl_fs *fs, fuse_req_t req, gl_node *n)
 	if (r < 0)
 		fuse_reply_err(req, -r);
 	else
-		fuse_reply_attr(req, &st, 0);
+		fuse_reply_attr(req, &st, fs__attr_timeout(n));
 }
 
 void fs__set_op(const gl_node *n, gl_op *op, const char *value, size_t len)
@@ -278,7 +295,7 @@ static void reply_entry(gl_fs *fs, fuse_req_t req, gl_node *n)
 	}
 	e.ino = n->ino;
 	e.generation = 0;
-	e.attr_timeout = 0;
+	e.attr_timeout = fs__attr_timeout(n);
 	e.entry_timeout = FS_ENTRY_TIMEOUT;
 	if (fuse_reply_entry(req, &e) == 0)
 		n->nlookup++;
@@ -400,8 +417,10 @@ static void on_change(void *arg, const gl_change *c)
 	switch (c->kind) {
 	case GL_CHANGE_INSTANCE_ADDED:
 		gl_notifier_inval_entry(fs->notifier, FUSE_ROOT_ID, name, strlen(name));
+		gl_notifier_inval_inode(fs->notifier, FUSE_ROOT_ID);
 		break;
 	case GL_CHANGE_INSTANCE_REMOVED:
+		gl_notifier_inval_inode(fs->notifier, FUSE_ROOT_ID);
 		if (in)
 			gl_nodes_detach(&fs->nodes, in);
 		gl_notifier_inval_entry(fs->notifier, FUSE_ROOT_ID, name, strlen(name));
@@ -413,12 +432,17 @@ static void on_change(void *arg, const gl_change *c)
 		break;
 	case GL_CHANGE_CONFIG:
 	case GL_CHANGE_DEVICE:
-		if (c->existed == c->exists || !in)
+		if (!in)
 			break;
+		/* the instance's and the directory's mtime moved */
+		gl_notifier_inval_inode(fs->notifier, in->ino);
 		dir = gl_nodes_find(&fs->nodes, in->ino,
 		                    c->kind == GL_CHANGE_CONFIG ? "config" : "devices",
 		                    c->kind == GL_CHANGE_CONFIG ? 6 : 7);
 		if (!dir)
+			break;
+		gl_notifier_inval_inode(fs->notifier, dir->ino);
+		if (c->existed == c->exists)
 			break;
 		if (!c->exists) {
 			k = gl_nodes_find(&fs->nodes, dir->ino, c->key, strlen(c->key));
@@ -428,6 +452,8 @@ static void on_change(void *arg, const gl_change *c)
 		gl_notifier_inval_entry(fs->notifier, dir->ino, c->key, strlen(c->key));
 		break;
 	case GL_CHANGE_ATTR:
+		if (in)
+			gl_notifier_inval_inode(fs->notifier, in->ino);
 		/* The type decides which attribute files exist. */
 		if (c->attr != GL_ATTR_TYPE || !in)
 			break;

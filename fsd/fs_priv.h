@@ -20,6 +20,7 @@
  * kernel through the notifier, so this only bounds a race. Attributes are
  * never cached (attr_timeout 0). */
 #define FS_ENTRY_TIMEOUT 1.0
+#define FS_DIR_ATTR_TIMEOUT 1.0
 /* Longest time a read of an events file stays parked (then EINTR, which
  * coreutils' safe_read simply retries). */
 #define FS_PARK_MAX_MS (60 * 1000)
@@ -104,6 +105,7 @@ int fs__stat(gl_fs *fs, gl_node *n, struct stat *st);
 /* The op that sets node n to value[0..len), n being KEY, DEVICE or ATTR. */
 void fs__set_op(const gl_node *n, gl_op *op, const char *value, size_t len);
 /* Reply to req with the attributes of n, or ENOENT. */
+double fs__attr_timeout(const struct gl_node *n);
 void fs__reply_attr(gl_fs *fs, fuse_req_t req, gl_node *n);
 uint64_t fs__now_ms(gl_fs *fs);
 int64_t fs__realtime_ns(void);

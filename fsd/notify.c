@@ -4,6 +4,7 @@
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,10 +12,13 @@
 
 struct item {
 	struct item *next;
-	uint64_t parent;
+	uint64_t parent; /* or the inode, for an INODE_ITEM */
 	size_t len;
 	char name[];
 };
+
+/* len of an item that invalidates the attributes of inode `parent` */
+#define INODE_ITEM SIZE_MAX
 
 struct gl_notifier {
 	struct fuse_session *se;
@@ -69,7 +73,11 @@ static void *notifier_main(void *arg)
 			struct item *it = batch;
 
 			batch = it->next;
-			r = fuse_lowlevel_notify_inval_entry(n->se, it->parent, it->name, it->len);
+			if (it->len == INODE_ITEM)
+				r = fuse_lowlevel_notify_inval_inode(n->se, it->parent, -1, 0);
+			else
+				r = fuse_lowlevel_notify_inval_entry(n->se, it->parent, it->name,
+				                                     it->len);
 			/* The kernel may have forgotten the parent (ENOENT) or be
 			 * unmounting (EBADF, ENODEV): nothing to invalidate. */
 			if (r < 0 && r != -ENOENT && r != -EBADF && r != -ENODEV)
@@ -196,6 +204,27 @@ void gl_notifier_inval_entry(gl_notifier *n, uint64_t parent, const char *name, 
 	it->len = len;
 	memcpy(it->name, name, len);
 	it->name[len] = '\0';
+	*n->local_tail = it;
+	n->local_tail = &it->next;
+}
+
+void gl_notifier_inval_inode(gl_notifier *n, uint64_t ino)
+{
+	struct item *it;
+
+	if (!n || n->stopping)
+		return;
+	/* a burst of changes in one loop turn needs one invalidation */
+	for (it = n->local_head; it; it = it->next)
+		if (it->len == INODE_ITEM && it->parent == ino)
+			return;
+	it = malloc(sizeof(*it) + 1);
+	if (!it)
+		return;
+	it->next = NULL;
+	it->parent = ino;
+	it->len = INODE_ITEM;
+	it->name[0] = '\0';
 	*n->local_tail = it;
 	n->local_tail = &it->next;
 }

@@ -28,6 +28,8 @@ void gl_notifier_inval_entry(gl_notifier *n, uint64_t parent, const char *name, 
 /* Stop the thread without waiting on the loop: what is still queued is
  * dropped; `cb` runs from the loop once the thread has been joined and the
  * notifier freed (never inside this call). */
+/* Queue an invalidation of inode `ino`'s attributes (not its data). */
+void gl_notifier_inval_inode(gl_notifier *n, uint64_t ino);
 void gl_notifier_stop(gl_notifier *n, void (*cb)(void *arg), void *arg);
 
 #endif

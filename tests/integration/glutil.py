@@ -228,7 +228,10 @@ class Guestlinkd:
     def wait_mounted(self, timeout=MOUNT_TIMEOUT):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if os.path.ismount(self.mnt):
+            # ismount alone is not enough after a kill -9: the dead mount's
+            # root may still answer lstat() from the kernel's attribute
+            # cache. The daemon logs "serving" once its own mount is up.
+            if os.path.ismount(self.mnt) and " serving " in self.log():
                 return
             rc = self.proc.poll()
             if rc is not None:
