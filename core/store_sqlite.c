@@ -728,8 +728,11 @@ static int sq_load(gl_store *base, const gl_store_loader *l)
 	if (r == 0 && l->device)
 		r = load_rows(s, "SELECT instance, key, value, mtime FROM devices", row_device, l);
 	if (r == 0 && l->seq)
-		r = load_rows(s, "SELECT instance, max(seq) FROM events GROUP BY instance", row_seq,
-		              l);
+		/* one index probe per instance, not a scan of every event row */
+		r = load_rows(s,
+		              "SELECT name, (SELECT max(seq) FROM events WHERE instance = name) "
+		              "FROM instances",
+		              row_seq, l);
 	sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
 	return r;
 }
