@@ -730,8 +730,8 @@ static int sq_load(gl_store *base, const gl_store_loader *l)
 	if (r == 0 && l->seq)
 		/* one index probe per instance, not a scan of every event row */
 		r = load_rows(s,
-		              "SELECT name, (SELECT max(seq) FROM events WHERE instance = name) "
-		              "FROM instances",
+		              "SELECT name, s FROM (SELECT name, (SELECT max(seq) FROM events "
+		              "WHERE instance = name) AS s FROM instances) WHERE s IS NOT NULL",
 		              row_seq, l);
 	sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
 	return r;
