@@ -74,6 +74,7 @@ check: all unit
 
 bench: all
 	BUILD=$(BUILD) tools/bench.sh
+	BUILD=$(BUILD) tools/bench-devlxd.sh
 
 deps:
 	tools/install-deps.sh

@@ -6,7 +6,7 @@ set -eu
 
 PKGS="build-essential pkg-config libuv1-dev libfuse3-dev fuse3 libjansson-dev
 libsqlite3-dev libsodium-dev check libhttp-parser-dev libwslay-dev python3-pytest
-python3-websocket curl vim sqlite3 psmisc procps util-linux"
+python3-websocket curl vim sqlite3 psmisc procps util-linux cloud-init"
 
 missing=""
 for p in $PKGS; do

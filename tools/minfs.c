@@ -333,7 +333,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "minfs: cannot mount on %s\n", mnt);
 		goto out_signals;
 	}
-	ret = fuse_session_loop(se) == 0 ? 0 : 1;
+	/* A positive result is the signal that stopped the loop: a clean stop. */
+	ret = fuse_session_loop(se) < 0 ? 1 : 0;
 	fuse_session_unmount(se);
 out_signals:
 	fuse_remove_signal_handlers(se);
