@@ -1,6 +1,9 @@
 #!/bin/bash
 # What `make run` starts after deps + build: guestlinkd on ./state, mounted
-# on ./mnt, with an instance "demo". Ctrl-C stops it (clean unmount).
+# on ./mnt, with an instance "demo" and LXD's guest API on
+# ./state/devlxd/sock; a stand-in container (pid + mount namespaces, the
+# socket bind-mounted at /dev/lxd/sock) is bound to "demo". Ctrl-C stops
+# both (clean unmount).
 # BUILD, STATE and MNT (environment) override build/, ./state and ./mnt;
 # GUESTLINKD_ARGS adds options for the daemon.
 set -euo pipefail
@@ -27,14 +30,49 @@ mkdir -p "$MNT" 2>/dev/null || true
 # In its own session, so that Ctrl-C reaches only this script, which then
 # stops the daemon with one SIGTERM (two signals could race its shutdown).
 read -r -a extra <<<"${GUESTLINKD_ARGS:-}"
-setsid "$DAEMON" --state-dir "$STATE" --mount "$MNT" "${extra[@]}" &
+mkdir -p "$STATE/devlxd"
+SOCKDIR=$(realpath "$STATE/devlxd")
+setsid "$DAEMON" --state-dir "$STATE" --mount "$MNT" --devlxd-socket "$SOCKDIR/sock" \
+	"${extra[@]}" &
 pid=$!
+ct=""
+
+# The stand-in container: its own pid and mount namespaces, a private /dev
+# (tmpfs with the usual nodes) where the socket's directory is /dev/lxd.
+start_container() {
+	local stage
+	stage=$(mktemp -d /tmp/gl-demo-dev.XXXXXX)
+	# shellcheck disable=SC2016 # expanded by the inner shell
+	setsid unshare --pid --fork --mount-proc --mount --propagation private /bin/sh -c '
+		set -e
+		mount -t tmpfs -o mode=0755,size=1m gl-dev "$2"
+		for n in null zero full random urandom tty; do
+			touch "$2/$n"; mount --bind "/dev/$n" "$2/$n"
+		done
+		mkdir "$2/lxd" "$2/pts" "$2/shm"
+		ln -s /proc/self/fd "$2/fd"
+		mount --bind "$1" "$2/lxd"
+		mount --move "$2" /dev
+		exec sleep infinity' sh "$SOCKDIR" "$stage" </dev/null >/dev/null 2>&1 &
+	ct=$!
+	for _ in $(seq 50); do
+		ctpid=$(awk '{print $1}' "/proc/$ct/task/$ct/children" 2>/dev/null)
+		[ -n "$ctpid" ] && [ -e "/proc/$ctpid/root/dev/lxd/sock" ] && return 0
+		sleep 0.1
+	done
+	echo "run-demo: the demo container did not start" >&2
+	return 1
+}
 
 # shellcheck disable=SC2317 # invoked by the trap
 stop() {
 	trap - INT TERM
 	echo
 	echo "run-demo: stopping guestlinkd (pid $pid)"
+	if [ -n "$ct" ]; then
+		kill -KILL "$ct" 2>/dev/null || true
+		wait "$ct" 2>/dev/null || true
+	fi
 	kill -TERM "$pid" 2>/dev/null || true
 	rc=0
 	wait "$pid" || rc=$?
@@ -69,6 +107,10 @@ if [ ! -d "$MNT/demo" ]; then
 	mkdir "$MNT/demo"
 	echo hello > "$MNT/demo/config/user.greeting"
 fi
+ctpid=""
+if start_container; then
+	echo "$ctpid" > "$MNT/demo/init-pid"
+fi
 
 m=$(realpath "$MNT")
 cat <<MSG
@@ -84,6 +126,14 @@ Try, in another shell (as root):
   cat $m/demo/events          # blocks; shows each change as a JSON line
   cat $m/events               # every instance, plus created/removed lines
   mkdir $m/c1; rm -r $m/c1
+
+A container bound to "demo" (init pid $ctpid) sees LXD's guest API at
+/dev/lxd/sock. Inside it:
+
+  nsenter -t $ctpid -p -m curl -s --unix-socket /dev/lxd/sock http://lxd/1.0/config/user.greeting
+  nsenter -t $ctpid -p -m curl -s --unix-socket /dev/lxd/sock http://lxd/1.0/meta-data
+  nsenter -t $ctpid -p -m curl -s --unix-socket /dev/lxd/sock -X PATCH -d '{"state":"Ready"}' http://lxd/1.0
+  cat $m/demo/state           # Ready
 
 Press Ctrl-C here to stop the daemon (it unmounts $m).
 MSG
