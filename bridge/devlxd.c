@@ -26,6 +26,7 @@
 #include "core/names.h"
 
 #define DEVLXD_WRITE_LIMIT (4u << 20) /* queued event bytes of a plain stream */
+#define DEVLXD_KEPT_PIDFDS 1024       /* unresolved callers that may be retried */
 
 typedef struct dconn dconn;
 
@@ -37,6 +38,7 @@ struct gl_devlxd {
 	gl_http_server *srv;
 	gl_peer *peer;
 	dconn *streams; /* event subscribers, for stop */
+	unsigned kept_pidfds; /* of connections not (yet) resolved */
 	bool stopping;
 };
 
@@ -46,7 +48,7 @@ struct dconn {
 	gl_http_conn *c;
 	gl_peer_cred cred;
 	int cred_err;
-	bool resolved, counted;
+	bool resolved, counted, kept_pidfd;
 	uint64_t uid;
 	/* event stream */
 	gl_sub *sub;
@@ -185,6 +187,15 @@ static void count_conn(dconn *dc)
 	}
 }
 
+static void drop_pidfd(dconn *dc)
+{
+	if (dc->kept_pidfd) {
+		dc->kept_pidfd = false;
+		dc->d->kept_pidfds--;
+	}
+	gl_peer_cred_clear(&dc->cred);
+}
+
 /* The caller's instance, or NULL after answering 500 / 401. */
 static gl_instance *identify(dconn *dc)
 {
@@ -197,10 +208,11 @@ static gl_instance *identify(dconn *dc)
 		r = gl_peer_resolve(d->peer, &dc->cred, &dc->uid);
 		if (r == 0) {
 			dc->resolved = true;
-			gl_peer_cred_clear(&dc->cred);
+			drop_pidfd(dc);
 			count_conn(dc);
 		} else if (r != -ESRCH) {
 			dc->cred_err = r;
+			drop_pidfd(dc);
 		}
 	}
 	if (!dc->resolved) {
@@ -272,6 +284,9 @@ static void patch_done(void *arg, int status)
 	patch_ctx *p = arg;
 
 	if (p->c) {
+		/* p goes away now: the connection must not cancel it later (it may
+		 * be closing already, with its close callback still to run) */
+		gl_http_set_cancel(p->c, NULL, NULL);
 		if (status == 0) {
 			respond_raw(p->c, "", 0);
 		} else {
@@ -447,11 +462,18 @@ static void get_config(gl_http_conn *c, gl_instance *inst)
 
 static void get_config_key(gl_http_conn *c, gl_instance *inst, const char *var, size_t vlen)
 {
+	char small[512];
 	gl_buf key = GL_BUF_INIT;
 	const gl_entry *e;
 
+	/* most keys fit on the stack: no allocation on the hot path */
+	if (vlen < sizeof(small)) {
+		key.data = small;
+		key.cap = sizeof(small);
+	}
 	if (gl_url_unescape(var, vlen, false, &key)) {
-		gl_buf_free(&key);
+		if (key.data != small)
+			gl_buf_free(&key);
 		gl_http_error(c, 400, "bad request");
 		return;
 	}
@@ -465,7 +487,8 @@ static void get_config_key(gl_http_conn *c, gl_instance *inst, const char *var, 
 	} else {
 		respond_raw(c, e->value, e->len);
 	}
-	gl_buf_free(&key);
+	if (key.data != small)
+		gl_buf_free(&key);
 }
 
 /* A nic without hwaddr gets volatile.<name>.hwaddr, as LXD fills it in. */
@@ -927,6 +950,13 @@ static void get_events(gl_devlxd *d, dconn *dc, const gl_http_req *r, gl_instanc
 
 /* ---- the HTTP handler ---------------------------------------------------------- */
 
+static bool same_instance(gl_http_conn *c, void *arg)
+{
+	const dconn *me = arg, *dc = gl_http_conn_data(c);
+
+	return dc && dc != me && dc->counted && dc->uid == me->uid;
+}
+
 static int on_accept(gl_http_conn *c, void *arg)
 {
 	gl_devlxd *d = arg;
@@ -949,13 +979,34 @@ static int on_accept(gl_http_conn *c, void *arg)
 	if (r) {
 		if (r != -ESRCH)
 			dc->cred_err = r;
+		/* its pidfd lets a later request try again (the binding may come
+		 * after the connection); a bounded number of them, as each costs
+		 * a descriptor */
+		if (dc->cred.pidfd >= 0) {
+			if (d->kept_pidfds < DEVLXD_KEPT_PIDFDS) {
+				d->kept_pidfds++;
+				dc->kept_pidfd = true;
+			} else {
+				gl_peer_cred_clear(&dc->cred);
+			}
+		}
 		return 0; /* answered per request: 404/301 still work, the rest 500 */
 	}
 	dc->resolved = true;
 	gl_peer_cred_clear(&dc->cred);
 	n = gl_peer_counter(d->peer, dc->uid, GL_PEER_CONNS);
-	if (n && *n >= d->o.max_conns_per_instance)
-		return -EMFILE;
+	if (n && *n >= d->o.max_conns_per_instance) {
+		/* the instance's connection idle the longest makes room, as for
+		 * the global limit; with none idle the new one is turned away */
+		gl_http_conn *old = gl_http_server_oldest_idle(d->srv, same_instance, dc);
+		dconn *od = old ? gl_http_conn_data(old) : NULL;
+
+		if (!od)
+			return -EMFILE;
+		od->counted = false;
+		(*n)--;
+		gl_http_close(old);
+	}
 	count_conn(dc);
 	return 0;
 }
@@ -981,15 +1032,12 @@ static void on_request(gl_http_conn *c, gl_http_req *r, void *arg)
 	enum route rt;
 	gl_instance *inst;
 
-	if (gl_url_clean_path(r->epath, r->epath_len, &clean)) {
-		oom(c);
-		return;
-	}
-	if (clean.len != r->epath_len || memcmp(clean.data, r->epath, clean.len) != 0) {
+	if (!gl_url_is_clean(r->epath, r->epath_len)) {
 		gl_buf loc = GL_BUF_INIT;
 		gl_http_hdr h[1] = {{"Location", ""}};
 
-		if (gl_url_redirect_location(&r->url, r->raw_kept, r->path, r->path_len, clean.data,
+		if (gl_url_clean_path(r->epath, r->epath_len, &clean) ||
+		    gl_url_redirect_location(&r->url, r->raw_kept, r->path, r->path_len, clean.data,
 					     clean.len, &loc)) {
 			oom(c);
 		} else {
@@ -1000,7 +1048,6 @@ static void on_request(gl_http_conn *c, gl_http_req *r, void *arg)
 		gl_buf_free(&clean);
 		return;
 	}
-	gl_buf_free(&clean);
 	rt = route_match(r->epath, r->epath_len, &var, &vlen);
 	if (rt == R_NONE) {
 		gl_http_error(c, 404, "404 page not found");
@@ -1072,7 +1119,7 @@ static void on_closed(gl_http_conn *c, void *arg)
 		if (n && *n)
 			(*n)--;
 	}
-	gl_peer_cred_clear(&dc->cred);
+	drop_pidfd(dc);
 	free(dc);
 }
 

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -96,7 +97,7 @@ struct gl_http_server {
 	gl_http_handler h;
 	void *arg;
 	gl_http_conn *conns;
-	unsigned nconns;
+	unsigned nconns, nclosing; /* nclosing: closed, handle not yet released */
 	clist lists[L_COUNT];
 	clist wlist;
 	gl_http_conn *dhead;
@@ -274,7 +275,9 @@ static void conn_retime(gl_http_conn *c)
 		want = L_NONE; /* entered explicitly once the shutdown is done */
 		if (c->list == L_LINGER)
 			return;
-	} else if (c->state == CS_READ && !c->hdr_done) {
+	} else if (c->state == CS_READ) {
+		/* a request (head, and body if any) must arrive in time, whether
+		 * it trickles in or sits half-sent */
 		bool started = c->phase != PH_LINE || c->head.len > 0 || c->in.len > 0;
 
 		if (started) {
@@ -315,6 +318,14 @@ static void on_conn_closed(uv_handle_t *h)
 	}
 	if (c->announced && s->h.closed)
 		s->h.closed(c, s->arg);
+	if (c->deferred) {
+		gl_http_conn **pp = &s->dhead;
+
+		while (*pp && *pp != c)
+			pp = &(*pp)->dnext;
+		if (*pp)
+			*pp = c->dnext;
+	}
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -322,6 +333,7 @@ static void on_conn_closed(uv_handle_t *h)
 	if (c->next)
 		c->next->prev = c->prev;
 	s->nconns--;
+	s->nclosing--;
 	gl_buf_free(&c->in);
 	gl_buf_free(&c->head);
 	gl_buf_free(&c->aux);
@@ -339,6 +351,7 @@ static void conn_close(gl_http_conn *c)
 	if (c->state == CS_CLOSED)
 		return;
 	c->state = CS_CLOSED;
+	s->nclosing++;
 	if (c->list != L_NONE) {
 		list_del(&s->lists[c->list], c);
 		c->list = L_NONE;
@@ -375,8 +388,16 @@ static void on_shutdown(uv_shutdown_t *req, int status)
 /* Close once the output is flushed. */
 static void conn_finish(gl_http_conn *c)
 {
+	int unread = 0;
+
 	if (c->state == CS_CLOSED || c->state == CS_LINGER)
 		return;
+	/* all written and nothing unread: closing now loses nothing (an AF_UNIX
+	 * peer only gets ECONNRESET when we close with input pending) */
+	if (!c->queued && ioctl(gl_http_conn_fd(c), FIONREAD, &unread) == 0 && unread == 0) {
+		conn_close(c);
+		return;
+	}
 	c->state = CS_LINGER;
 	conn_retime(c);
 	c->shut.data = c;
@@ -604,6 +625,26 @@ static bool body_allowed(int status)
 
 static void finish_request(gl_http_conn *c);
 
+static char *put(char *p, const char *s, size_t n)
+{
+	memcpy(p, s, n);
+	return p + n;
+}
+
+static char *put_u64(char *p, uint64_t v)
+{
+	char tmp[24];
+	int n = 0;
+
+	do {
+		tmp[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (n)
+		*p++ = tmp[--n];
+	return p;
+}
+
 /* Build and send a response head (and body) the way net/http's
  * chunkWriter.writeHeader does for a handler that is done (`done`) or that
  * streams with its own Content-Length. */
@@ -620,7 +661,8 @@ static int send_response(gl_http_conn *c, int status, const gl_http_hdr *h, size
 	char chunk_head[24];
 	uv_buf_t bufs[4];
 	unsigned nb = 0;
-	int rc = 0;
+	size_t need;
+	char *p;
 
 	if (c->state == CS_CLOSED || c->state == CS_LINGER)
 		return -EPIPE;
@@ -661,32 +703,53 @@ static int send_response(gl_http_conn *c, int status, const gl_http_hdr *h, size
 			conn_val = "close";
 	}
 
+	/* the head, built with plain copies: this runs for every response */
+	need = 64 + 37 + 40 + 24 + 32;
+	for (size_t i = 0; i < nh; i++)
+		need += strlen(h[i].name) + strlen(h[i].value) + 4;
 	gl_buf_reset(b);
-	gl_http_date(time(NULL), date);
-	if (text)
-		rc = gl_buf_printf(b, "HTTP/1.%c %d %s\r\n", is11 ? '1' : '0', status, text);
-	else
-		rc = gl_buf_printf(b, "HTTP/1.%c %03d status code %d\r\n", is11 ? '1' : '0', status,
-				   status);
-	for (size_t i = 0; i < nh && !rc; i++) {
-		if (drop_conn_hdr && strcasecmp(h[i].name, "Connection") == 0)
-			continue;
-		rc = gl_buf_printf(b, "%s: %s\r\n", h[i].name, h[i].value);
-	}
-	if (!rc)
-		rc = gl_buf_printf(b, "Date: %s\r\n", date);
-	if (!rc && auto_cl)
-		rc = gl_buf_printf(b, "Content-Length: %zu\r\n", len);
-	if (!rc && conn_val)
-		rc = gl_buf_printf(b, "Connection: %s\r\n", conn_val);
-	if (!rc && chunked)
-		rc = gl_buf_adds(b, "Transfer-Encoding: chunked\r\n");
-	if (!rc)
-		rc = gl_buf_adds(b, "\r\n");
-	if (rc) {
+	if (gl_buf_reserve(b, need)) {
 		conn_close(c);
 		return -EPIPE;
 	}
+	p = b->data;
+	p = put(p, is11 ? "HTTP/1.1 " : "HTTP/1.0 ", 9);
+	if (text && status >= 100 && status <= 999) {
+		*p++ = (char)('0' + status / 100);
+		*p++ = (char)('0' + status / 10 % 10);
+		*p++ = (char)('0' + status % 10);
+		*p++ = ' ';
+		p = put(p, text, strlen(text));
+	} else {
+		p += snprintf(p, 48, "%03d status code %d", status % 1000, status % 1000);
+	}
+	p = put(p, "\r\n", 2);
+	for (size_t i = 0; i < nh; i++) {
+		if (drop_conn_hdr && strcasecmp(h[i].name, "Connection") == 0)
+			continue;
+		p = put(p, h[i].name, strlen(h[i].name));
+		p = put(p, ": ", 2);
+		p = put(p, h[i].value, strlen(h[i].value));
+		p = put(p, "\r\n", 2);
+	}
+	gl_http_date(time(NULL), date);
+	p = put(p, "Date: ", 6);
+	p = put(p, date, 29);
+	p = put(p, "\r\n", 2);
+	if (auto_cl) {
+		p = put(p, "Content-Length: ", 16);
+		p = put_u64(p, len);
+		p = put(p, "\r\n", 2);
+	}
+	if (conn_val) {
+		p = put(p, "Connection: ", 12);
+		p = put(p, conn_val, strlen(conn_val));
+		p = put(p, "\r\n", 2);
+	}
+	if (chunked)
+		p = put(p, "Transfer-Encoding: chunked\r\n", 28);
+	p = put(p, "\r\n", 2);
+	b->len = (size_t)(p - b->data);
 	bufs[nb++] = uv_buf_init(b->data, (unsigned)b->len);
 	if (!r->head && allowed && len) {
 		if (chunked) {
@@ -714,11 +777,11 @@ int gl_http_respond(gl_http_conn *c, int status, const gl_http_hdr *h, size_t nh
 {
 	int r;
 
+	/* answered (or trying to): whatever happens to the connection now, the
+	 * handler's pending work is over and must not be cancelled later */
+	c->cancel = NULL;
 	if (!in_request(c))
 		return -EPIPE;
-	/* answered: whatever happens to the connection now, the handler's
-	 * pending work is over */
-	c->cancel = NULL;
 	r = send_response(c, status, h, nh, body, len, true);
 	if (c->state == CS_CLOSED)
 		return -EPIPE;
@@ -763,9 +826,9 @@ int gl_http_stream_begin(gl_http_conn *c, int status, const gl_http_hdr *h, size
 {
 	int r;
 
+	c->cancel = NULL;
 	if (!in_request(c))
 		return -EPIPE;
-	c->cancel = NULL;
 	c->stream_left = -1;
 	for (size_t i = 0; i < nh; i++)
 		if (strcasecmp(h[i].name, "Content-Length") == 0)
@@ -807,6 +870,7 @@ int gl_http_stream_write(gl_http_conn *c, const void *p, size_t n)
 
 void gl_http_stream_end(gl_http_conn *c)
 {
+	c->cancel = NULL;
 	if (c->state != CS_STREAM)
 		return;
 	c->more = NULL;
@@ -996,7 +1060,6 @@ static int parse_request_line(gl_http_conn *c)
 	char *line = c->head.data;
 	size_t len = c->head.len - 1; /* without the LF */
 	char *sp1, *sp2, *proto;
-	gl_buf esc = GL_BUF_INIT;
 	size_t plen;
 	int rc;
 
@@ -1041,15 +1104,8 @@ static int parse_request_line(gl_http_conn *c)
 	*sp2 = '\0';
 	r->head = r->method_len == 4 && memcmp(r->method, "HEAD", 4) == 0;
 	c->options_star = r->url.star && r->method_len == 7 && memcmp(r->method, "OPTIONS", 7) == 0;
-	rc = gl_url_paths(&r->url, &c->aux, &esc, &r->raw_kept);
-	if (!rc) {
-		r->path_len = c->aux.len;
-		rc = gl_buf_addc(&c->aux, '\0');
-	}
-	if (!rc)
-		rc = gl_buf_add(&c->aux, esc.data ? esc.data : "", esc.len);
-	r->epath_len = esc.len;
-	gl_buf_free(&esc);
+	gl_buf_reset(&c->aux);
+	rc = gl_url_paths_into(&r->url, &c->aux, &r->path_len, &r->epath_len, &r->raw_kept);
 	if (rc == -EINVAL) {
 		bad_request(c, NULL);
 		return -1;
@@ -1129,10 +1185,6 @@ static int head_checks(gl_http_conn *c)
 	line_rebase(c);
 
 	hosts = count_fields(r, "Host");
-	if (hosts > 1) {
-		bad_request(c, NULL);
-		return -1;
-	}
 	te = count_fields(r, "Transfer-Encoding");
 	if (te) {
 		v = gl_http_req_get(r, "Transfer-Encoding", &vl);
@@ -1149,6 +1201,10 @@ static int head_checks(gl_http_conn *c)
 	}
 	if (is11 && !hosts) {
 		bad_request(c, "missing required Host header");
+		return -1;
+	}
+	if (hosts > 1) {
+		bad_request(c, "too many Host headers");
 		return -1;
 	}
 	v = gl_http_req_get(r, "Host", &vl);
@@ -1594,7 +1650,7 @@ static void on_connection(uv_stream_t *l, int status)
 		conn_close(c);
 		return;
 	}
-	if (s->nconns > s->lim.max_conns) {
+	if (s->nconns - s->nclosing > s->lim.max_conns) {
 		/* full: the oldest idle connection makes room, else the new one
 		 * is turned away */
 		gl_http_conn *old = s->lists[L_IDLE].head;
@@ -1681,9 +1737,23 @@ int gl_http_server_start(uv_loop_t *loop, const char *path, unsigned mode,
 		return -ENAMETOOLONG;
 	}
 	if (lstat(path, &st) == 0) {
+		struct sockaddr_un sa = {.sun_family = AF_UNIX};
+		int fd, live;
+
 		if (!S_ISSOCK(st.st_mode)) {
 			snprintf(err, errlen, "%s exists and is not a socket", path);
 			return -EEXIST;
+		}
+		/* stale (nobody listening) is replaced; a live one is not ours */
+		strcpy(sa.sun_path, path);
+		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+		live = fd >= 0 && (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 ||
+				   errno == EAGAIN);
+		if (fd >= 0)
+			close(fd);
+		if (live) {
+			snprintf(err, errlen, "%s is in use by another server", path);
+			return -EADDRINUSE;
 		}
 		unlink(path);
 	}
@@ -1765,7 +1835,16 @@ void gl_http_server_stop(gl_http_server *s, void (*done)(void *arg), void *arg)
 
 unsigned gl_http_server_nconns(const gl_http_server *s)
 {
-	return s->nconns;
+	return s->nconns - s->nclosing;
+}
+
+gl_http_conn *gl_http_server_oldest_idle(gl_http_server *s,
+					 bool (*pred)(gl_http_conn *c, void *arg), void *arg)
+{
+	for (gl_http_conn *c = s->lists[L_IDLE].head; c; c = c->lnext)
+		if (!pred || pred(c, arg))
+			return c;
+	return NULL;
 }
 
 uv_loop_t *gl_http_conn_loop(const gl_http_conn *c)

@@ -72,7 +72,8 @@ typedef struct gl_http_limits {
 	size_t max_header_bytes;    /* request line + headers; over it: 431 */
 	size_t max_queued;          /* unsent output per connection; over it: closed */
 	unsigned max_conns;         /* over it the oldest idle connection is closed */
-	uint64_t header_timeout_ms; /* from the first byte of a request to its end of head */
+	uint64_t header_timeout_ms; /* from the first byte of a request to its end
+	                               (head and body); 0 = none */
 	uint64_t idle_timeout_ms;   /* between requests; 0 = none */
 } gl_http_limits;
 
@@ -104,6 +105,10 @@ int gl_http_server_start(uv_loop_t *loop, const char *path, unsigned mode,
  * the server is freed after it returns. */
 void gl_http_server_stop(gl_http_server *s, void (*done)(void *arg), void *arg);
 unsigned gl_http_server_nconns(const gl_http_server *s);
+/* The connection idle the longest for which pred (NULL: any) holds, or
+ * NULL. Idle: between requests, nothing pending. */
+gl_http_conn *gl_http_server_oldest_idle(gl_http_server *s,
+					 bool (*pred)(gl_http_conn *c, void *arg), void *arg);
 
 uv_loop_t *gl_http_conn_loop(const gl_http_conn *c);
 int gl_http_conn_fd(const gl_http_conn *c);
@@ -136,7 +141,9 @@ void gl_http_stream_end(gl_http_conn *c);
 
 /* A handler that answers later (commit pending, file being opened) says how
  * to forget the request if the connection closes first: `cancel` then runs
- * once, from `closed` time; it must stop using c. Cleared by the response. */
+ * once, from `closed` time; it must stop using c. Cleared by any
+ * gl_http_respond / gl_http_error / gl_http_stream_begin call (even one
+ * that fails because the connection is closing) and by gl_http_stream_end. */
 void gl_http_set_cancel(gl_http_conn *c, void (*cancel)(void *arg), void *arg);
 
 /* Take the connection over (event streams). The HTTP layer stops reading

@@ -332,16 +332,20 @@ static bool pidfd_alive(int fd)
 	return r == 0 || errno == EPERM;
 }
 
-/* The pid namespace of the process behind pidfd (or pid), as an open fd. */
-static int pidns_fd(int pidfd, pid_t pid)
+/* The pid namespace of the process behind pidfd (or pid), as an open fd.
+ * *exact is set when it came through the pidfd itself (no pid reuse race). */
+static int pidns_fd(int pidfd, pid_t pid, bool *exact)
 {
 	char path[64];
 	int fd = -1;
 
+	*exact = false;
 	if (pidfd >= 0) {
 		fd = ioctl(pidfd, PIDFD_GET_PID_NAMESPACE, 0);
-		if (fd >= 0)
+		if (fd >= 0) {
+			*exact = true;
 			return fd;
+		}
 		if (errno == ESRCH)
 			return -ESRCH;
 	}
@@ -423,6 +427,7 @@ static void sync_init(gl_peer *p, prec *r, gl_instance *inst, bool startup)
 	int64_t pid = gl_instance_init_pid(inst);
 	pwatch *w;
 	int fd, nsfd;
+	bool exact;
 
 	if (pid == r->pid && (pid == 0 || r->w))
 		return;
@@ -448,7 +453,7 @@ static void sync_init(gl_peer *p, prec *r, gl_instance *inst, bool startup)
 			return;
 		}
 	}
-	nsfd = pidns_fd(fd, (pid_t)pid);
+	nsfd = pidns_fd(fd, (pid_t)pid, &exact);
 	if (nsfd < 0 || nskey_of_fd(nsfd, &r->ns) < 0) {
 		if (nsfd >= 0)
 			close(nsfd);
@@ -746,12 +751,13 @@ static prec *lookup_cgroup(gl_peer *p, gl_buf *cg)
 int gl_peer_resolve(gl_peer *p, const gl_peer_cred *c, uint64_t *uid)
 {
 	prec *found = NULL;
+	bool exact = false;
 	int nsfd;
 
 	if (c->pid <= 0)
 		return -ESRCH;
 	if (p->by_ns.n) {
-		nsfd = pidns_fd(c->pidfd, c->pid);
+		nsfd = pidns_fd(c->pidfd, c->pid, &exact);
 		if (nsfd < 0)
 			return nsfd;
 		/* the caller's namespace, then its ancestors: a process in a pid
@@ -774,6 +780,8 @@ int gl_peer_resolve(gl_peer *p, const gl_peer_cred *c, uint64_t *uid)
 		}
 		close(nsfd);
 	}
+	if (!found)
+		exact = false;
 	if (!found && p->by_cgroup.n) {
 		gl_buf cg = GL_BUF_INIT;
 		int r = caller_cgroup(c->pid, &cg);
@@ -788,9 +796,10 @@ int gl_peer_resolve(gl_peer *p, const gl_peer_cred *c, uint64_t *uid)
 	}
 	if (!found)
 		return -ESRCH;
-	/* what we read must have been about the process that connected: if it
-	 * is still alive its pid cannot have been reused meanwhile */
-	if (c->pidfd < 0 || !pidfd_alive(c->pidfd))
+	/* what we read through /proc must have been about the process that
+	 * connected: if it is still alive its pid cannot have been reused
+	 * meanwhile (a namespace taken through the pidfd needs no such check) */
+	if (c->pidfd < 0 || (!exact && !pidfd_alive(c->pidfd)))
 		return -ESRCH;
 	*uid = found->uid;
 	return 0;

@@ -335,6 +335,104 @@ int gl_url_parse_request(const char *t, size_t n, gl_url *u)
 	return 0;
 }
 
+int gl_url_paths_into(const gl_url *u, gl_buf *out, size_t *dlen, size_t *elen, bool *raw_kept)
+{
+	size_t n = u->raw_path_len, d0, e0;
+	char *d, *e;
+	int r;
+
+	*raw_kept = false;
+	/* decoded (<= n) + NUL + escaped (<= 3 n) + NUL, with no realloc in between */
+	r = gl_buf_reserve(out, 4 * n + 4);
+	if (r)
+		return r;
+	d0 = out->len;
+	d = out->data + d0;
+	if (u->star) {
+		memcpy(d, "*\0*", 4);
+		*dlen = *elen = 1;
+		out->len += 3;
+		out->data[out->len] = '\0';
+		return 0;
+	}
+	if (!u->opaque) {
+		for (size_t i = 0; i < n;) {
+			if (u->raw_path[i] == '%') {
+				int h, l;
+
+				if (i + 2 >= n)
+					return -EINVAL;
+				h = hexval((unsigned char)u->raw_path[i + 1]);
+				l = hexval((unsigned char)u->raw_path[i + 2]);
+				if (h < 0 || l < 0)
+					return -EINVAL;
+				*d++ = (char)(h << 4 | l);
+				i += 3;
+			} else {
+				*d++ = u->raw_path[i++];
+			}
+		}
+	}
+	*dlen = (size_t)(d - (out->data + d0));
+	*d++ = '\0';
+	e0 = (size_t)(d - out->data);
+	e = d;
+	if (!u->opaque) {
+		static const char hex[] = "0123456789ABCDEF";
+		const char *src = out->data + d0;
+
+		for (size_t i = 0; i < *dlen; i++) {
+			unsigned char c = (unsigned char)src[i];
+
+			if (path_should_escape(c)) {
+				*e++ = '%';
+				*e++ = hex[c >> 4];
+				*e++ = hex[c & 15];
+			} else {
+				*e++ = (char)c;
+			}
+		}
+		*elen = (size_t)(e - (out->data + e0));
+		/* RawPath is kept when the sent form is not the default encoding;
+		 * the router then matches the sent form if it is a valid one */
+		if (*elen != n || memcmp(out->data + e0, u->raw_path, n) != 0) {
+			*raw_kept = true;
+			if (gl_url_valid_encoded_path(u->raw_path, n)) {
+				memcpy(out->data + e0, u->raw_path, n);
+				*elen = n;
+				e = out->data + e0 + n;
+			}
+		}
+	} else {
+		*elen = 0;
+	}
+	*e = '\0';
+	out->len = (size_t)(e - out->data);
+	return 0;
+}
+
+bool gl_url_is_clean(const char *p, size_t n)
+{
+	if (n == 0 || p[0] != '/')
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		if (p[i] != '/')
+			continue;
+		/* "//", "/./", "/../", or a final "/." or "/.." */
+		if (i + 1 < n && p[i + 1] == '/')
+			return false;
+		if (i + 1 < n && p[i + 1] == '.') {
+			size_t k = i + 2;
+
+			if (k < n && p[k] == '.')
+				k++;
+			if (k == n || p[k] == '/')
+				return false;
+		}
+	}
+	return true;
+}
+
 int gl_url_paths(const gl_url *u, gl_buf *decoded, gl_buf *escaped, bool *raw_kept)
 {
 	size_t d0 = decoded->len, e0 = escaped->len;

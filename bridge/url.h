@@ -54,6 +54,13 @@ int gl_url_clean_path(const char *p, size_t n, gl_buf *out);
  * the default encoding). 0, -EINVAL (bad escape), -ENOMEM. */
 int gl_url_paths(const gl_url *u, gl_buf *decoded, gl_buf *escaped, bool *raw_kept);
 
+/* The same in one buffer: decoded path, NUL, escaped path, NUL appended
+ * to out; their lengths in *dlen and *elen. */
+int gl_url_paths_into(const gl_url *u, gl_buf *out, size_t *dlen, size_t *elen, bool *raw_kept);
+
+/* True when gl_url_clean_path would return p unchanged. */
+bool gl_url_is_clean(const char *p, size_t n);
+
 /* The Location gorilla/mux sends when the escaped path is not clean:
  * url.String() of the request URL with Path replaced by `clean`. */
 int gl_url_redirect_location(const gl_url *u, bool raw_kept, const char *decoded,

@@ -6,6 +6,7 @@
  * flight, messages wait in wslay's queue; that backlog is what max_queued
  * bounds. */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +61,11 @@ struct gl_ws {
 	uint64_t ctl_len;
 	unsigned char ctl[2];        /* first payload bytes of a control frame (close code) */
 	size_t ctl_have;
+	/* our own scan of incoming frame headers: wslay reports a frame only
+	 * once payload arrives, but a data frame must end us at its header */
+	unsigned char hdr[14];
+	size_t hdr_have;
+	uint64_t skip;               /* payload bytes of the current frame left */
 	unsigned reading : 1;
 	unsigned read_paused : 1;    /* until the write in flight completes */
 	unsigned closing : 1;        /* a close frame is queued or wslay stopped reading */
@@ -515,6 +521,37 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 	*buf = uv_buf_init(read_buf, sizeof(read_buf));
 }
 
+/* Walk the frame headers in p[0..n): true when one of them starts a
+ * data frame (text, binary, continuation), which LXD takes as the end. */
+static bool data_frame_seen(gl_ws *ws, const unsigned char *p, size_t n)
+{
+	while (n) {
+		size_t need, take;
+
+		if (ws->skip) {
+			take = ws->skip < n ? (size_t)ws->skip : n;
+			ws->skip -= take;
+			p += take;
+			n -= take;
+			continue;
+		}
+		ws->hdr[ws->hdr_have++] = *p++;
+		n--;
+		if (ws->hdr_have == 1 && !(ws->hdr[0] & 0x08))
+			return true; /* opcodes 0-7 are data */
+		if (ws->hdr_have < 2)
+			continue;
+		need = 2 + ((ws->hdr[1] & 0x7f) == 126 ? 2 : (ws->hdr[1] & 0x7f) == 127 ? 8 : 0) +
+		       (ws->hdr[1] & 0x80 ? 4 : 0);
+		if (ws->hdr_have < need)
+			continue;
+		/* a control frame: at most 125 bytes (wslay rejects longer ones) */
+		ws->skip = ws->hdr[1] & 0x7f;
+		ws->hdr_have = 0;
+	}
+	return false;
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
 	gl_ws *ws = s->data;
@@ -529,6 +566,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 	 * bytes are dropped while our close frame goes out. */
 	if (!wslay_event_get_read_enabled(ws->ctx))
 		return;
+	if (data_frame_seen(ws, (const unsigned char *)buf->base, (size_t)nread)) {
+		end(ws);
+		return;
+	}
 	ws->in = buf->base;
 	ws->in_len = (size_t)nread;
 	wslay_event_recv(ws->ctx);

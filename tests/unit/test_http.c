@@ -538,7 +538,10 @@ START_TEST(pre_routing_errors)
 	gl_devlxd_opts_default(&o);
 	o.max_header_bytes = 4096;
 	start_opts(&o);
-	ck_assert_str_eq(xchg("GET /1.0 HTTP/1.1\r\nHost: lxd\r\nHost: lxd\r\n\r\n"), RAW400);
+	ck_assert_str_eq(xchg("GET /1.0 HTTP/1.1\r\nHost: lxd\r\nHost: lxd\r\n\r\n"),
+			 "HTTP/1.1 400 Bad Request: too many Host headers\r\nContent-Type: "
+			 "text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request: "
+			 "too many Host headers");
 	ck_assert_str_eq(xchg("GET /1.0 HTTP/1.1\r\nHost: lxd\r\nBad Header\r\n\r\n"), RAW400);
 	ck_assert_str_eq(xchg("GET /1.0 HTTP/1.1\r\nHost: lxd\r\nBad Name: x\r\n\r\n"),
 			 "HTTP/1.1 400 Bad Request: invalid header name\r\nContent-Type: "
@@ -874,6 +877,13 @@ START_TEST(header_timeout)
 		pump(50);
 	}
 	eof = crecv(fd, &out, 0, 300);
+	ck_assert_int_eq(eof, 1);
+	ck_assert_uint_eq(out.len, 0);
+	close(fd);
+	/* nor does a body that never ends */
+	fd = cconnect();
+	csend(fd, "PATCH /1.0 HTTP/1.1\r\nHost: lxd\r\nContent-Length: 17\r\n\r\n{", 55);
+	eof = crecv(fd, &out, 0, 600);
 	ck_assert_int_eq(eof, 1);
 	ck_assert_uint_eq(out.len, 0);
 	close(fd);
@@ -1242,6 +1252,21 @@ START_TEST(image_export)
 		pump(100);
 		gl_buf_free(&out);
 	}
+	/* and clients that hang up right after asking, at every stage */
+	for (int k = 0; k < 30; k++) {
+		int fd = cconnect();
+
+		gl_buf_reset(&req);
+		gl_buf_printf(&req, "GET /1.0/images/" FP "/export HTTP/1.1\r\nHost: lxd\r\n%s\r\n",
+			      k % 2 ? "Range: bytes=0-99\r\n" : "");
+		csend(fd, req.data, req.len);
+		if (k % 3 == 1)
+			pump(1);
+		close(fd);
+		if (k % 3 == 2)
+			pump(2);
+	}
+	pump(100);
 	ck_assert_str_eq(get("/1.0/config/user.foo"), OK_HEAD("application/octet-stream", 3) "bar");
 	gl_buf_free(&exp);
 	gl_buf_free(&req);

@@ -508,6 +508,17 @@ START_TEST(resolve_cgroups)
 	close(fd);
 	f1 = accept_one(&c1);
 	f2 = accept_one(&c2);
+	if (c1.pid == h) {
+		/* they connect in no particular order: c1 is g's, c2 is h's */
+		gl_peer_cred t = c1;
+		int tf = f1;
+
+		c1 = c2;
+		c2 = t;
+		f1 = f2;
+		f2 = tf;
+	}
+	ck_assert_int_eq(c1.pid, g);
 	ck_assert_int_eq(gl_peer_resolve(p, &c1, &uid), -ESRCH);
 	ck_assert_int_eq(set_attr("c3", GL_ATTR_CGROUP, rel), 0);
 	gl_peer_stats(p, &nns, &ncg, &nw);
