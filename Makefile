@@ -59,7 +59,7 @@ $(BUILD)/libglbridge.a: $(BRIDGE_OBJ) $(BUILD)/libglcore.a
 $(BUILD)/guestlinkd: $(FSD_OBJ) $(BUILD)/libglbridge.a $(BUILD)/libglcore.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/tests/%: tests/unit/%.c tests/unit/unit.h $(BUILD)/libglbridge.a $(BUILD)/libglcore.a
+$(BUILD)/tests/%: tests/unit/%.c tests/unit/unit.h tests/unit/fake_store.h $(BUILD)/libglbridge.a $(BUILD)/libglcore.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libglbridge.a $(BUILD)/libglcore.a $(LDLIBS) $(shell pkg-config --libs check)
 

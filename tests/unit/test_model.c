@@ -5,37 +5,8 @@
 #include <uv.h>
 
 #include "core/model.h"
+#include "tests/unit/fake_store.h"
 #include "tests/unit/unit.h"
-
-/* ---- a fake store: counts commits, can be told to fail ------------------ */
-
-typedef struct fake_store {
-	gl_store base;
-	int commits;
-	size_t last_n;
-	int fail; /* -errno to return from commit */
-} fake_store;
-
-static int fake_commit(gl_store *s, const gl_sop *ops, size_t n)
-{
-	fake_store *f = (fake_store *)s;
-
-	f->commits++;
-	f->last_n = n;
-	(void)ops;
-	return f->fail;
-}
-
-static int fake_load(gl_store *s, const gl_store_loader *l)
-{
-	return 0;
-}
-
-static void fake_close(gl_store *s)
-{
-}
-
-static const gl_store_ops fake_ops = {fake_commit, fake_load, fake_close};
 
 /* ---- helpers ------------------------------------------------------------ */
 

@@ -20,27 +20,9 @@
 
 #include "bridge/peer.h"
 #include "core/model.h"
+#include "tests/unit/fake_store.h"
 #include "tests/unit/unit.h"
 
-typedef struct fake_store {
-	gl_store base;
-} fake_store;
-
-static int fake_commit(gl_store *s, const gl_sop *ops, size_t n)
-{
-	return 0;
-}
-
-static int fake_load(gl_store *s, const gl_store_loader *l)
-{
-	return 0;
-}
-
-static void fake_close(gl_store *s)
-{
-}
-
-static const gl_store_ops fake_ops = {fake_commit, fake_load, fake_close};
 
 static uv_loop_t loop;
 static fake_store fstore;
