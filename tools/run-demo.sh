@@ -36,6 +36,7 @@ setsid "$DAEMON" --state-dir "$STATE" --mount "$MNT" --devlxd-socket "$SOCKDIR/s
 	"${extra[@]}" &
 pid=$!
 ct=""
+ctpid=""
 
 # The stand-in container: its own pid and mount namespaces, a private /dev
 # (tmpfs with the usual nodes) where the socket's directory is /dev/lxd.
@@ -70,8 +71,13 @@ stop() {
 	echo
 	echo "run-demo: stopping guestlinkd (pid $pid)"
 	if [ -n "$ct" ]; then
-		kill -KILL "$ct" 2>/dev/null || true
+		# killing the namespace's init takes everything in it down;
+		# killing unshare alone would orphan it
+		if [ -n "$ctpid" ]; then
+			kill -KILL "$ctpid" 2>/dev/null || true
+		fi
 		wait "$ct" 2>/dev/null || true
+		kill -KILL "$ct" 2>/dev/null || true
 	fi
 	kill -TERM "$pid" 2>/dev/null || true
 	rc=0
@@ -107,7 +113,6 @@ if [ ! -d "$MNT/demo" ]; then
 	mkdir "$MNT/demo"
 	echo hello > "$MNT/demo/config/user.greeting"
 fi
-ctpid=""
 if start_container; then
 	echo "$ctpid" > "$MNT/demo/init-pid"
 fi
