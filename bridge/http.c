@@ -1722,6 +1722,26 @@ static uint64_t min_nz(uint64_t a, uint64_t b)
 	return a < b ? a : b;
 }
 
+/* mkdir -p of path's directory, mode 0755. 0 or -errno. */
+static int make_parents(const char *path)
+{
+	char dir[PATH_MAX];
+	size_t i, n = strlen(path);
+
+	if (n >= sizeof(dir))
+		return -ENAMETOOLONG;
+	memcpy(dir, path, n + 1);
+	for (i = 1; i < n; i++) {
+		if (dir[i] != '/')
+			continue;
+		dir[i] = '\0';
+		if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+			return -errno;
+		dir[i] = '/';
+	}
+	return 0;
+}
+
 int gl_http_server_start(uv_loop_t *loop, const char *path, unsigned mode,
 			 const gl_http_limits *lim, const gl_http_handler *h, void *arg,
 			 gl_http_server **out, char *err, size_t errlen)
@@ -1735,6 +1755,13 @@ int gl_http_server_start(uv_loop_t *loop, const char *path, unsigned mode,
 	if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
 		snprintf(err, errlen, "socket path too long: %s", path);
 		return -ENAMETOOLONG;
+	}
+	/* the socket's directory (e.g. /run/guestlink) is made if missing;
+	 * libuv would report a missing one as EACCES */
+	r = make_parents(path);
+	if (r < 0) {
+		snprintf(err, errlen, "cannot create the directory of %s: %s", path, strerror(-r));
+		return r;
 	}
 	if (lstat(path, &st) == 0) {
 		struct sockaddr_un sa = {.sun_family = AF_UNIX};

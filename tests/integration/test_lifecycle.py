@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import signal
+import stat
 import sqlite3
 import subprocess
 import time
@@ -65,6 +66,16 @@ def test_bare_command_line(daemon_factory):
     assert read_bytes(d.p("c1", "config", "user.foo")) == b"bar\n"
     assert d.stop(signal.SIGTERM) == 0
     assert not is_mounted(d.mnt)
+
+
+def test_devlxd_socket_directory_is_created(daemon_factory, tmp_path):
+    # `--devlxd-socket /run/guestlink/devlxd.sock` on a fresh machine: the
+    # socket's missing directories are made, the socket is mode 0666.
+    sock = str(tmp_path / "run" / "guestlink" / "devlxd.sock")
+    d = daemon_factory(args=["--devlxd-socket", sock])
+    st = os.stat(sock)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666
+    assert d.stop(signal.SIGTERM) == 0
 
 
 def test_sigterm_unmounts_and_exits_0(gl):
