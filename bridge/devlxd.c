@@ -593,6 +593,17 @@ static void get_meta(gl_http_conn *c, gl_instance *inst)
 
 /* ---- events ---------------------------------------------------------------------- */
 
+static void stream_link(dconn *dc)
+{
+	gl_devlxd *d = dc->d;
+
+	dc->streaming = true;
+	dc->snext = d->streams;
+	if (d->streams)
+		d->streams->sprev = dc;
+	d->streams = dc;
+}
+
 static void stream_unlink(dconn *dc)
 {
 	gl_devlxd *d = dc->d;
@@ -814,6 +825,31 @@ static gl_sub *subscribe(dconn *dc, gl_instance *inst, unsigned mask, int has_si
 	return s;
 }
 
+/* subscribe() within the per-instance subscriber cap, counted. False when
+ * refused; the request has then been answered (503, or 500 on ENOMEM). */
+static bool subscribe_capped(dconn *dc, gl_http_conn *c, gl_instance *inst, unsigned mask,
+			     int has_since, uint64_t since, bool now, uint64_t skip, bool *resync,
+			     uint64_t *rseq)
+{
+	gl_devlxd *d = dc->d;
+	unsigned *nsubs = gl_peer_counter(d->peer, dc->uid, GL_PEER_SUBS);
+
+	if (nsubs && *nsubs >= d->o.max_subs_per_instance) {
+		gl_http_error(c, 503, "too many event subscribers");
+		return false;
+	}
+	dc->sub = subscribe(dc, inst, mask, has_since, since, now, skip, resync, rseq);
+	if (!dc->sub) {
+		oom(c);
+		return false;
+	}
+	if (nsubs) {
+		(*nsubs)++;
+		dc->sub_counted = true;
+	}
+	return true;
+}
+
 static void get_events(gl_devlxd *d, dconn *dc, const gl_http_req *r, gl_instance *inst)
 {
 	gl_http_conn *c = dc->c;
@@ -823,7 +859,6 @@ static void get_events(gl_devlxd *d, dconn *dc, const gl_http_req *r, gl_instanc
 	int has_since = since_param(r, &since, &now, &skip);
 	const char *upg;
 	size_t ulen = 0;
-	unsigned *nsubs;
 	uint64_t cur = gl_instance_seq(inst);
 	gl_buf extra = GL_BUF_INIT;
 	const char *rest;
@@ -862,21 +897,10 @@ static void get_events(gl_devlxd *d, dconn *dc, const gl_http_req *r, gl_instanc
 			gl_http_respond(c, st, h, 3, body, strlen(body));
 			return;
 		}
-		nsubs = gl_peer_counter(d->peer, dc->uid, GL_PEER_SUBS);
-		if (nsubs && *nsubs >= d->o.max_subs_per_instance) {
+		if (!subscribe_capped(dc, c, inst, mask, has_since, since, now, skip, &resync,
+				      &rseq)) {
 			gl_buf_free(&key);
-			gl_http_error(c, 503, "too many event subscribers");
 			return;
-		}
-		dc->sub = subscribe(dc, inst, mask, has_since, since, now, skip, &resync, &rseq);
-		if (!dc->sub) {
-			gl_buf_free(&key);
-			oom(c);
-			return;
-		}
-		if (nsubs) {
-			(*nsubs)++;
-			dc->sub_counted = true;
 		}
 		stream = gl_http_hijack(c, &rest, &nrest);
 		{
@@ -892,11 +916,7 @@ static void get_events(gl_devlxd *d, dconn *dc, const gl_http_req *r, gl_instanc
 			gl_http_close(c);
 			return;
 		}
-		dc->streaming = true;
-		dc->snext = d->streams;
-		if (d->streams)
-			d->streams->sprev = dc;
-		d->streams = dc;
+		stream_link(dc);
 		if (resync && !resync_line(&extra, rseq))
 			gl_ws_send_text(dc->ws, extra.data, extra.len);
 		gl_buf_free(&extra);
@@ -906,20 +926,8 @@ static void get_events(gl_devlxd *d, dconn *dc, const gl_http_req *r, gl_instanc
 
 	/* LXD's plain stream: the connection is taken over and the head is
 	 * written by hand, LF line endings, "keep-alive" whatever was asked */
-	nsubs = gl_peer_counter(d->peer, dc->uid, GL_PEER_SUBS);
-	if (nsubs && *nsubs >= d->o.max_subs_per_instance) {
-		gl_http_error(c, 503, "too many event subscribers");
+	if (!subscribe_capped(dc, c, inst, mask, has_since, since, now, skip, &resync, &rseq))
 		return;
-	}
-	dc->sub = subscribe(dc, inst, mask, has_since, since, now, skip, &resync, &rseq);
-	if (!dc->sub) {
-		oom(c);
-		return;
-	}
-	if (nsubs) {
-		(*nsubs)++;
-		dc->sub_counted = true;
-	}
 	gl_http_hijack(c, &rest, &nrest);
 	if (gl_buf_adds(&extra, "HTTP/1.1 200 OK\nConnection: keep-alive\n"
 				"Content-Type: application/json\nX-Content-Type-Options: nosniff\n") ||
@@ -930,11 +938,7 @@ static void get_events(gl_devlxd *d, dconn *dc, const gl_http_req *r, gl_instanc
 		gl_http_close(c);
 		return;
 	}
-	dc->streaming = true;
-	dc->snext = d->streams;
-	if (d->streams)
-		d->streams->sprev = dc;
-	d->streams = dc;
+	stream_link(dc);
 	gl_http_raw_write(c, extra.data, extra.len);
 	gl_buf_free(&extra);
 	/* bytes pipelined behind the request were read before the take-over;
