@@ -565,7 +565,10 @@ static void on_scandir(uv_fs_t *req)
 		goto done;
 	}
 	x->req.data = x;
-	if (uv_fs_open(x->loop, &x->req, path.data, O_RDONLY | O_CLOEXEC, 0, on_open)) {
+	/* O_NOFOLLOW: an image is a file in the images directory, never what
+	 * a link there points to */
+	if (uv_fs_open(x->loop, &x->req, path.data, O_RDONLY | O_CLOEXEC | O_NOFOLLOW, 0,
+		       on_open)) {
 		not_found(x);
 		goto done;
 	}

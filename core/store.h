@@ -33,10 +33,12 @@ typedef enum gl_sop_kind {
 	GL_SOP_DEVICE_PUT,   /* instance, key (= device name), value (canonical JSON), mtime_ns */
 	GL_SOP_DEVICE_DEL,   /* instance, key */
 	GL_SOP_EVENT_PUT,    /* instance, seq, value = event JSON line; the store keeps
-	                        only the newest GL_STORE_EVENT_HISTORY per instance */
+	                        the newest GL_STORE_EVENT_HISTORY per instance, and
+	                        fewer than GL_STORE_EVENT_PRUNE_EVERY older ones */
 } gl_sop_kind;
 
 #define GL_STORE_EVENT_HISTORY 1024
+#define GL_STORE_EVENT_PRUNE_EVERY 64
 
 typedef struct gl_sop {
 	gl_sop_kind kind;

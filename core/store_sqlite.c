@@ -589,7 +589,10 @@ static int exec_op(sq_store *s, const gl_sop *op)
 		sqlite3_bind_int64(st, 2, (sqlite3_int64)op->seq);
 		bind_blob(st, 3, op->value, op->vlen);
 		rc = run(s, st, what);
-		if (rc != SQLITE_OK || op->seq <= GL_STORE_EVENT_HISTORY)
+		/* Pruning is a range delete: doing it once every PRUNE_EVERY
+		 * events instead of once per event saves most of its cost. */
+		if (rc != SQLITE_OK || op->seq <= GL_STORE_EVENT_HISTORY ||
+		    op->seq % GL_STORE_EVENT_PRUNE_EVERY)
 			return rc;
 		st = s->st[ST_EV_PRUNE];
 		bind_text(st, 1, op->instance);

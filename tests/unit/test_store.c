@@ -508,10 +508,18 @@ START_TEST(event_pruning)
 	}
 	gl_store_close(s);
 
+	/* pruned at the last multiple of GL_STORE_EVENT_PRUNE_EVERY (1280):
+	 * seq <= 1280 - 1024 are gone */
 	ck_assert_int_eq(sql_int(db, "SELECT count(*) FROM events WHERE instance = 'c1'"),
-	                 GL_STORE_EVENT_HISTORY);
+	                 last - (last / GL_STORE_EVENT_PRUNE_EVERY * GL_STORE_EVENT_PRUNE_EVERY -
+	                         GL_STORE_EVENT_HISTORY));
 	ck_assert_int_eq(sql_int(db, "SELECT min(seq) FROM events WHERE instance = 'c1'"),
-	                 last - GL_STORE_EVENT_HISTORY + 1);
+	                 last / GL_STORE_EVENT_PRUNE_EVERY * GL_STORE_EVENT_PRUNE_EVERY -
+	                 GL_STORE_EVENT_HISTORY + 1);
+	ck_assert_int_ge(sql_int(db, "SELECT count(*) FROM events WHERE instance = 'c1'"),
+	                 GL_STORE_EVENT_HISTORY);
+	ck_assert_int_lt(sql_int(db, "SELECT count(*) FROM events WHERE instance = 'c1'"),
+	                 GL_STORE_EVENT_HISTORY + GL_STORE_EVENT_PRUNE_EVERY);
 	ck_assert_int_eq(sql_int(db, "SELECT max(seq) FROM events WHERE instance = 'c1'"), last);
 	/* Another instance's history is untouched. */
 	ck_assert_int_eq(sql_int(db, "SELECT count(*) FROM events WHERE instance = 'c2'"), 1);
