@@ -13,9 +13,11 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "bridge/devlxd_priv.h"
 #include "bridge/http.h"
@@ -38,8 +40,11 @@ struct gl_devlxd {
 	gl_http_server *srv;
 	gl_peer *peer;
 	dconn *streams; /* event subscribers, for stop */
+	dconn *adopted; /* connections from VM transports, for their unbinding */
 	unsigned kept_pidfds; /* of connections not (yet) resolved */
 	bool stopping;
+	bool adopting; /* inside gl_devlxd_adopt: on_accept takes adopt_uid */
+	uint64_t adopt_uid;
 };
 
 /* Per connection. */
@@ -55,6 +60,9 @@ struct dconn {
 	gl_ws *ws;
 	bool ws_closed, streaming, sub_counted;
 	dconn *sprev, *snext;
+	/* adopted from a VM transport: the instance is fixed, the caller root */
+	bool adopted;
+	dconn *aprev, *anext;
 };
 
 enum route {
@@ -196,6 +204,19 @@ static void drop_pidfd(dconn *dc)
 	gl_peer_cred_clear(&dc->cred);
 }
 
+/* A connection speaks for the process that opened it, and only while that
+ * process lives (LXD looks the pid up on every request): once it has
+ * exited, a connection it handed to another process (SCM_RIGHTS, fork)
+ * speaks for nobody. Its pidfd turns readable when it exits. */
+static bool connector_alive(const dconn *dc)
+{
+	struct pollfd p = {.fd = dc->cred.pidfd, .events = POLLIN};
+
+	if (dc->cred.pidfd < 0)
+		return true; /* no pidfd on this kernel: nothing to check with */
+	return poll(&p, 1, 0) == 0;
+}
+
 /* The caller's instance, or NULL after answering 500 / 401. */
 static gl_instance *identify(dconn *dc)
 {
@@ -208,7 +229,12 @@ static gl_instance *identify(dconn *dc)
 		r = gl_peer_resolve(d->peer, &dc->cred, &dc->uid);
 		if (r == 0) {
 			dc->resolved = true;
-			drop_pidfd(dc);
+			/* the pidfd stays, for the liveness check below, but no
+			 * longer counts among those of unresolved connections */
+			if (dc->kept_pidfd) {
+				dc->kept_pidfd = false;
+				d->kept_pidfds--;
+			}
 			count_conn(dc);
 		} else if (r != -ESRCH) {
 			dc->cred_err = r;
@@ -227,11 +253,11 @@ static gl_instance *identify(dconn *dc)
 		return NULL;
 	}
 	inst = gl_peer_instance(d->peer, dc->uid);
-	if (!inst) {
+	if (!inst || (!dc->adopted && !connector_alive(dc))) {
 		gl_http_error(dc->c, 500, "pid not in container?");
 		return NULL;
 	}
-	if (dc->cred.uid != gl_peer_root_uid(d->peer, dc->uid)) {
+	if (!dc->adopted && dc->cred.uid != gl_peer_root_uid(d->peer, dc->uid)) {
 		gl_http_error(dc->c, 401, "Access denied for non-root user");
 		return NULL;
 	}
@@ -974,12 +1000,24 @@ static int on_accept(gl_http_conn *c, void *arg)
 	dc->c = c;
 	dc->cred.pidfd = -1;
 	gl_http_conn_set_data(c, dc);
-	r = gl_peer_cred_get(gl_http_conn_fd(c), &dc->cred);
-	if (r) {
-		dc->cred_err = r;
-		return 0;
+	if (d->adopting) {
+		/* identity = transport: no SO_PEERCRED over vsock, and whoever
+		 * speaks on a VM's transport is that VM's root */
+		dc->adopted = true;
+		dc->uid = d->adopt_uid;
+		dc->anext = d->adopted;
+		if (d->adopted)
+			d->adopted->aprev = dc;
+		d->adopted = dc;
+		r = 0;
+	} else {
+		r = gl_peer_cred_get(gl_http_conn_fd(c), &dc->cred);
+		if (r) {
+			dc->cred_err = r;
+			return 0;
+		}
+		r = gl_peer_resolve(d->peer, &dc->cred, &dc->uid);
 	}
-	r = gl_peer_resolve(d->peer, &dc->cred, &dc->uid);
 	if (r) {
 		if (r != -ESRCH)
 			dc->cred_err = r;
@@ -996,8 +1034,7 @@ static int on_accept(gl_http_conn *c, void *arg)
 		}
 		return 0; /* answered per request: 404/301 still work, the rest 500 */
 	}
-	dc->resolved = true;
-	gl_peer_cred_clear(&dc->cred);
+	dc->resolved = true; /* its pidfd (if any) stays: connector_alive() */
 	n = gl_peer_counter(d->peer, dc->uid, GL_PEER_CONNS);
 	if (n && *n >= d->o.max_conns_per_instance) {
 		/* the instance's connection idle the longest makes room, as for
@@ -1124,6 +1161,14 @@ static void on_closed(gl_http_conn *c, void *arg)
 			(*n)--;
 	}
 	drop_pidfd(dc);
+	if (dc->adopted) {
+		if (dc->aprev)
+			dc->aprev->anext = dc->anext;
+		else
+			d->adopted = dc->anext;
+		if (dc->anext)
+			dc->anext->aprev = dc->aprev;
+	}
 	free(dc);
 }
 
@@ -1170,10 +1215,6 @@ int gl_devlxd_start(uv_loop_t *loop, gl_model *m, const gl_devlxd_opts *o, gl_de
 	struct sigaction sa;
 	int r;
 
-	if (!o->socket_path || !*o->socket_path) {
-		snprintf(err, errlen, "no devlxd socket path");
-		return -EINVAL;
-	}
 	d = calloc(1, sizeof(*d));
 	if (!d) {
 		snprintf(err, errlen, "out of memory");
@@ -1182,9 +1223,9 @@ int gl_devlxd_start(uv_loop_t *loop, gl_model *m, const gl_devlxd_opts *o, gl_de
 	d->loop = loop;
 	d->m = m;
 	d->o = *o;
-	d->socket_path = strdup(o->socket_path);
+	d->socket_path = o->socket_path && *o->socket_path ? strdup(o->socket_path) : NULL;
 	d->images_dir = strdup(o->images_dir ? o->images_dir : "");
-	if (!d->socket_path || !d->images_dir) {
+	if ((o->socket_path && *o->socket_path && !d->socket_path) || !d->images_dir) {
 		r = -ENOMEM;
 		snprintf(err, errlen, "out of memory");
 		goto fail;
@@ -1224,6 +1265,42 @@ fail:
 	free(d->images_dir);
 	free(d);
 	return r;
+}
+
+int gl_devlxd_adopt(gl_devlxd *d, int fd, uint64_t uid)
+{
+	int r;
+
+	if (d->stopping) {
+		close(fd);
+		return -ESHUTDOWN;
+	}
+	d->adopting = true;
+	d->adopt_uid = uid;
+	r = gl_http_server_adopt(d->srv, fd, NULL);
+	d->adopting = false;
+	return r;
+}
+
+void gl_devlxd_drop_instance(gl_devlxd *d, uint64_t uid)
+{
+	dconn *dc, *n;
+
+	if (!d || d->stopping)
+		return;
+	for (dc = d->adopted; dc; dc = n) {
+		n = dc->anext;
+		if (dc->uid != uid || gl_http_conn_closing(dc->c))
+			continue;
+		sub_release(dc);
+		if (dc->ws) {
+			if (!dc->ws_closed)
+				gl_ws_close(dc->ws, 1001);
+		} else {
+			stream_unlink(dc);
+			gl_http_close(dc->c);
+		}
+	}
 }
 
 static void stopped(void *arg)

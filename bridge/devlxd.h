@@ -5,6 +5,7 @@
 #define GUESTLINK_BRIDGE_DEVLXD_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <uv.h>
 
 #include "core/model.h"
@@ -12,7 +13,8 @@
 typedef struct gl_devlxd gl_devlxd;
 
 typedef struct gl_devlxd_opts {
-	const char *socket_path;     /* created mode 0666; a stale socket file is replaced */
+	const char *socket_path;     /* created mode 0666; a stale socket file is replaced;
+	                                NULL: no host socket (VM transports only) */
 	const char *images_dir;      /* <state-dir>/images */
 	size_t max_header_bytes;     /* default 1 MiB + 4 KiB (Go's); over it: 431 */
 	size_t max_body_bytes;       /* default 1 MiB */
@@ -25,11 +27,20 @@ typedef struct gl_devlxd_opts {
 
 void gl_devlxd_opts_default(gl_devlxd_opts *o);
 
-/* Listen on o->socket_path. Returns 0 and *out, or -errno with a message in err. */
+/* Listen on o->socket_path (when set). Returns 0 and *out, or -errno with a message in err. */
 int gl_devlxd_start(uv_loop_t *loop, gl_model *m, const gl_devlxd_opts *o, gl_devlxd **out,
 		    char *err, size_t errlen);
 /* Stop listening, end every connection (WebSocket subscribers get close
  * 1001), and free the server once its handles are closed. */
 void gl_devlxd_stop(gl_devlxd *d);
+
+/* Serve a connection that arrived on a VM's transport (its vsock devlxd
+ * port): the caller is instance `uid` (gl_instance_uid), as root; no
+ * SO_PEERCRED. Takes ownership of fd in every case. 0, or -errno when the
+ * connection was refused (limits) or could not be set up. */
+int gl_devlxd_adopt(gl_devlxd *d, int fd, uint64_t uid);
+/* Close every adopted connection of instance `uid` (its transport was
+ * unbound or the VM removed); event subscribers get WebSocket close 1001. */
+void gl_devlxd_drop_instance(gl_devlxd *d, uint64_t uid);
 
 #endif

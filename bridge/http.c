@@ -1628,16 +1628,12 @@ static void sweep_arm(gl_http_server *s)
 
 /* ---- accepting ------------------------------------------------------------------------- */
 
-static void on_connection(uv_stream_t *l, int status)
+static gl_http_conn *conn_new(gl_http_server *s)
 {
-	gl_http_server *s = l->data;
-	gl_http_conn *c;
+	gl_http_conn *c = calloc(1, sizeof(*c));
 
-	if (status < 0 || s->stopping)
-		return;
-	c = calloc(1, sizeof(*c));
 	if (!c)
-		return;
+		return NULL;
 	c->s = s;
 	c->stream_left = -1;
 	uv_pipe_init(s->loop, &c->pipe, 0);
@@ -1646,10 +1642,16 @@ static void on_connection(uv_stream_t *l, int status)
 		s->conns->prev = c;
 	s->conns = c;
 	s->nconns++;
-	if (uv_accept(l, (uv_stream_t *)&c->pipe)) {
-		conn_close(c);
-		return;
-	}
+	return c;
+}
+
+/* Limits, the handler's accept, then reading. 0, or -errno when the
+ * connection was turned away (it is closing then). */
+static int conn_begin(gl_http_conn *c)
+{
+	gl_http_server *s = c->s;
+	int r;
+
 	if (s->nconns - s->nclosing > s->lim.max_conns) {
 		/* full: the oldest idle connection makes room, else the new one
 		 * is turned away */
@@ -1657,21 +1659,69 @@ static void on_connection(uv_stream_t *l, int status)
 
 		if (!old) {
 			conn_close(c);
-			return;
+			return -EMFILE;
 		}
 		conn_close(old);
 	}
 	c->announced = true;
-	if (s->h.accept && s->h.accept(c, s->arg) < 0) {
+	if (s->h.accept && (r = s->h.accept(c, s->arg)) < 0) {
 		conn_close(c);
-		return;
+		return r;
 	}
-	if (uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read)) {
+	r = uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read);
+	if (r) {
 		conn_close(c);
-		return;
+		return r;
 	}
 	c->reading = true;
 	conn_retime(c);
+	return 0;
+}
+
+static void on_connection(uv_stream_t *l, int status)
+{
+	gl_http_server *s = l->data;
+	gl_http_conn *c;
+
+	if (status < 0 || s->stopping)
+		return;
+	c = conn_new(s);
+	if (!c)
+		return;
+	if (uv_accept(l, (uv_stream_t *)&c->pipe)) {
+		conn_close(c);
+		return;
+	}
+	conn_begin(c);
+}
+
+int gl_http_server_adopt(gl_http_server *s, int fd, gl_http_conn **out)
+{
+	gl_http_conn *c;
+	int r;
+
+	if (s->stopping) {
+		close(fd);
+		return -ESHUTDOWN;
+	}
+	c = conn_new(s);
+	if (!c) {
+		close(fd);
+		return -ENOMEM;
+	}
+	r = uv_pipe_open(&c->pipe, fd);
+	if (r) {
+		/* the handle does not own fd yet */
+		close(fd);
+		conn_close(c);
+		return r;
+	}
+	r = conn_begin(c);
+	if (r)
+		return r;
+	if (out)
+		*out = c;
+	return 0;
 }
 
 /* ---- server ---------------------------------------------------------------------------- */
@@ -1752,18 +1802,18 @@ int gl_http_server_start(uv_loop_t *loop, const char *path, unsigned mode,
 	int r;
 
 	settings_init();
-	if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+	if (path && strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
 		snprintf(err, errlen, "socket path too long: %s", path);
 		return -ENAMETOOLONG;
 	}
 	/* the socket's directory (e.g. /run/guestlink) is made if missing;
 	 * libuv would report a missing one as EACCES */
-	r = make_parents(path);
+	r = path ? make_parents(path) : 0;
 	if (r < 0) {
 		snprintf(err, errlen, "cannot create the directory of %s: %s", path, strerror(-r));
 		return r;
 	}
-	if (lstat(path, &st) == 0) {
+	if (path && lstat(path, &st) == 0) {
 		struct sockaddr_un sa = {.sun_family = AF_UNIX};
 		int fd, live;
 
@@ -1790,8 +1840,8 @@ int gl_http_server_start(uv_loop_t *loop, const char *path, unsigned mode,
 		return -ENOMEM;
 	}
 	s->rbuf = malloc(RBUF_SIZE);
-	s->path = strdup(path);
-	if (!s->rbuf || !s->path) {
+	s->path = path ? strdup(path) : NULL;
+	if (!s->rbuf || (path && !s->path)) {
 		free(s->rbuf);
 		free(s->path);
 		free(s);
@@ -1811,6 +1861,12 @@ int gl_http_server_start(uv_loop_t *loop, const char *path, unsigned mode,
 	uv_timer_init(loop, &s->defer);
 	s->defer.data = s;
 	s->open_handles = 3;
+	if (!path) {
+		/* adopted connections only: the listener is never opened */
+		uv_close((uv_handle_t *)&s->listener, handle_closed);
+		*out = s;
+		return 0;
+	}
 	r = uv_pipe_bind(&s->listener, path);
 	if (r) {
 		snprintf(err, errlen, "cannot bind %s: %s", path, uv_strerror(r));
@@ -1849,13 +1905,15 @@ void gl_http_server_stop(gl_http_server *s, void (*done)(void *arg), void *arg)
 	s->stopping = true;
 	s->done = done;
 	s->done_arg = arg;
-	unlink(s->path);
+	if (s->path)
+		unlink(s->path);
 	for (c = s->conns; c; c = n) {
 		n = c->next;
 		if (c->state != CS_HIJACK)
 			conn_close(c);
 	}
-	uv_close((uv_handle_t *)&s->listener, handle_closed);
+	if (!uv_is_closing((uv_handle_t *)&s->listener))
+		uv_close((uv_handle_t *)&s->listener, handle_closed);
 	uv_close((uv_handle_t *)&s->sweep, handle_closed);
 	uv_close((uv_handle_t *)&s->defer, handle_closed);
 }

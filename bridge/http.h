@@ -95,10 +95,19 @@ typedef struct gl_http_handler {
 } gl_http_handler;
 
 /* Listen on `path` (a stale socket file is replaced; anything else there is
- * an error) with permissions `mode`. 0 and *out, or -errno and a message. */
+ * an error) with permissions `mode`. path NULL: no listener, the server
+ * serves only connections given to gl_http_server_adopt. 0 and *out, or
+ * -errno and a message. */
 int gl_http_server_start(uv_loop_t *loop, const char *path, unsigned mode,
 			 const gl_http_limits *lim, const gl_http_handler *h, void *arg,
 			 gl_http_server **out, char *err, size_t errlen);
+/* Serve a connected stream socket that arrived some other way (a vsock
+ * transport): takes ownership of `fd` in every case. The connection goes
+ * through the same limits and the handler's `accept`, which runs inside
+ * this call (so the caller can hand it context first). 0 and *out (may be
+ * NULL), or -errno: the connection was refused or could not be set up
+ * (when `accept` had run, `closed` still runs later). */
+int gl_http_server_adopt(gl_http_server *s, int fd, gl_http_conn **out);
 /* Stop accepting, remove the socket file, close every connection that is
  * not hijacked (hijacked ones are their owner's to close with
  * gl_http_close). `done` runs (from the loop) once every handle is closed;

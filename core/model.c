@@ -45,6 +45,7 @@ struct gl_instance {
 	char *cgroup;
 	int64_t vsock_cid;
 	char *vsock_uds;
+	char *agent; /* runtime agent status text, never stored; NULL: offline */
 	int64_t ctime, mtime;
 	int64_t attr_mtime[GL_ATTR_COUNT];
 	uint64_t seq;
@@ -302,6 +303,7 @@ static void instance_free(gl_instance *i)
 	free(i->name);
 	free(i->cgroup);
 	free(i->vsock_uds);
+	free(i->agent);
 	free(i);
 }
 
@@ -487,7 +489,7 @@ int gl_instance_attr(const gl_instance *i, gl_attr a, gl_buf *out)
 	case GL_ATTR_VSOCK_UDS:
 		return gl_buf_adds(out, i->vsock_uds);
 	case GL_ATTR_AGENT:
-		return gl_buf_adds(out, "offline");
+		return gl_buf_adds(out, i->agent ? i->agent : "status: offline");
 	default:
 		return -EINVAL;
 	}
@@ -1026,6 +1028,23 @@ static void observe(gl_model *m, const gl_change *c)
 {
 	for (size_t k = 0; k < m->nobs; k++)
 		m->obs[k].fn(m->obs[k].arg, c);
+}
+
+int gl_instance_set_agent_status(gl_model *m, gl_instance *i, const char *text)
+{
+	char *t = NULL;
+
+	if (text && *text && !(t = strdup(text)))
+		return -ENOMEM;
+	if ((!t && !i->agent) || (t && i->agent && !strcmp(t, i->agent))) {
+		free(t);
+		return 0;
+	}
+	free(i->agent);
+	i->agent = t;
+	i->attr_mtime[GL_ATTR_AGENT] = now_ns();
+	observe(m, &(gl_change){.kind = GL_CHANGE_ATTR, .inst = i, .attr = GL_ATTR_AGENT});
+	return 0;
 }
 
 /* ---- submit ------------------------------------------------------------- */

@@ -93,6 +93,11 @@ int gl_instance_attr(const gl_instance *i, gl_attr a, gl_buf *out);
 /* Same, plus when it last changed. */
 int64_t gl_instance_attr_mtime(const gl_instance *i, gl_attr a);
 int64_t gl_instance_init_pid(const gl_instance *i);
+/* The `agent` file's text (docs/control-protocol.md), kept in memory only:
+ * the VM link's monitor sets it; NULL or "" shows "status: offline".
+ * Observers see a GL_CHANGE_ATTR for GL_ATTR_AGENT when it changed.
+ * 0 or -ENOMEM. */
+int gl_instance_set_agent_status(gl_model *m, gl_instance *i, const char *text);
 /* The state GET /1.0 reports: "" until the guest set one since start. */
 const char *gl_instance_guest_state(const gl_instance *i);
 

@@ -16,7 +16,10 @@
 
 #include "core/model.h"
 #include "core/store.h"
+#include "bridge/auth.h"
+#include "bridge/ctl.h"
 #include "bridge/devlxd.h"
+#include "bridge/vm.h"
 #include "fsd/fs.h"
 #include "fsd/log.h"
 
@@ -31,6 +34,8 @@ struct daemon {
 	gl_model *model;
 	gl_fs *fs;
 	gl_devlxd *devlxd;
+	gl_vm *vm;
+	gl_ctl *ctl;
 	bool stopping;
 };
 
@@ -65,6 +70,18 @@ static void usage(FILE *f)
 	        "                           (default 10000)\n"
 	        "  --idle-timeout MS        close idle keep-alive connections after MS\n"
 	        "                           (default 0: never, as LXD 5.0.2)\n"
+	        "  --control-socket PATH    root-only socket for guestlinkctl (default\n"
+	        "                           " GL_CTL_DEFAULT_PATH "; \"none\": no socket)\n"
+	        "  --agent-ping-interval MS how often each VM's agent is pinged\n"
+	        "                           (default 5000; 0: only at connect)\n"
+	        "  --max-agent-conns N      agent operations in flight per VM; more wait\n"
+	        "                           in line (default 256)\n"
+	        "  --vsock-port N           AF_VSOCK port where VMs bound by vsock-cid reach\n"
+	        "                           devlxd (default 7362; hybrid vsock-uds VMs use\n"
+	        "                           <uds>_7362)\n"
+	        "  --af-vsock auto|on|off   serve VMs bound by vsock-cid over AF_VSOCK\n"
+	        "                           (listen, dial their agents); auto (default):\n"
+	        "                           on when /dev/vhost-vsock exists\n"
 	        "  --no-allow-other         only root may enter the mount\n"
 	        "  --debug                  trace every FUSE request on stderr\n"
 	        "  -v, --verbose            log debug messages\n"
@@ -239,6 +256,27 @@ static void clean_leftover_mount(const char *mnt)
 	}
 }
 
+/* The long name of option `c`, for messages (argv[optind - 1] is the
+ * value when it came as a separate argument). */
+static const char *opt_name(const struct option *o, int c)
+{
+	for (; o->name; o++)
+		if (o->val == c)
+			return o->name;
+	return "?";
+}
+
+/* True if `path` (which may not exist yet) lies under the mount point. */
+static bool inside_mount(const char *path, const char *mntabs)
+{
+	char abs[PATH_MAX];
+	size_t n = strlen(mntabs);
+
+	if (absolute_path(path, abs, sizeof(abs)) < 0)
+		return strncmp(path, mntabs, n) == 0 && path[n] == '/';
+	return strncmp(abs, mntabs, n) == 0 && (abs[n] == '/' || (n == 1 && abs[0] == '/'));
+}
+
 static void close_signals(struct daemon *d)
 {
 	if (!uv_is_closing((uv_handle_t *)&d->sigint))
@@ -251,7 +289,16 @@ static void on_fs_ended(gl_fs *fs, void *arg)
 {
 	struct daemon *d = arg;
 
-	/* The guests' connections go first: they hold event subscriptions. */
+	/* The control connections first (they hold VM links), then the VMs'
+	 * transports, then the guests' connections (event subscriptions). */
+	if (d->ctl) {
+		gl_ctl_stop(d->ctl);
+		d->ctl = NULL;
+	}
+	if (d->vm) {
+		gl_vm_stop(d->vm);
+		d->vm = NULL;
+	}
 	if (d->devlxd) {
 		gl_devlxd_stop(d->devlxd);
 		d->devlxd = NULL;
@@ -295,6 +342,11 @@ int main(int argc, char **argv)
 		{"max-subscribers", required_argument, NULL, 'B'},
 		{"header-timeout", required_argument, NULL, 'T'},
 		{"idle-timeout", required_argument, NULL, 'i'},
+		{"control-socket", required_argument, NULL, 'c'},
+		{"agent-ping-interval", required_argument, NULL, 'p'},
+		{"max-agent-conns", required_argument, NULL, 'a'},
+		{"vsock-port", required_argument, NULL, 'k'},
+		{"af-vsock", required_argument, NULL, 'A'},
 		{"debug", no_argument, NULL, 'd'},
 		{"verbose", no_argument, NULL, 'v'},
 		{"help", no_argument, NULL, 'h'},
@@ -307,12 +359,17 @@ int main(int argc, char **argv)
 	char err[512];
 	gl_limits lim;
 	gl_devlxd_opts dopts;
+	gl_vm_opts vopts;
+	const char *ctl_path = GL_CTL_DEFAULT_PATH;
+	int af_vsock = -1; /* auto */
+	uint8_t pk[GL_AUTH_PK];
 	char images[PATH_MAX], mntabs[PATH_MAX];
 	size_t n;
 	int c, r, status = 1;
 
 	gl_limits_default(&lim);
 	gl_devlxd_opts_default(&dopts);
+	gl_vm_opts_default(&vopts);
 	dopts.socket_path = NULL; /* the devlxd face runs only when asked for */
 	dopts.images_dir = NULL;
 	opterr = 0; /* our own messages, in the log's format */
@@ -352,7 +409,7 @@ int main(int argc, char **argv)
 		case 'T':
 		case 'i':
 			if (parse_size(optarg, &n) < 0 && strcmp(optarg, "0") != 0) {
-				log_error("%s: not a number: %s", argv[optind - 1], optarg);
+				log_error("--%s: not a number: %s", opt_name(longopts, c), optarg);
 				return 2;
 			}
 			if (strcmp(optarg, "0") == 0)
@@ -370,6 +427,44 @@ int main(int argc, char **argv)
 			else
 				dopts.idle_timeout_ms = n;
 			break;
+		case 'c':
+			ctl_path = optarg;
+			break;
+		case 'A':
+			if (!strcmp(optarg, "auto")) {
+				af_vsock = -1;
+			} else if (!strcmp(optarg, "on")) {
+				af_vsock = 1;
+			} else if (!strcmp(optarg, "off")) {
+				af_vsock = 0;
+			} else {
+				log_error("--af-vsock: auto, on or off, not %s", optarg);
+				return 2;
+			}
+			break;
+		case 'p':
+		case 'a':
+		case 'k': {
+			unsigned long long v;
+			char *end;
+
+			errno = 0;
+			v = strtoull(optarg, &end, 10);
+			if (errno || end == optarg || *end || *optarg == '-' ||
+			    (c == 'p' && v > 86400000ULL) || (c == 'a' && (v < 1 || v > 1000000)) ||
+			    (c == 'k' && (v < 1 || v > 0xfffffffeULL))) {
+				log_error("--%s: not a valid number: %s", opt_name(longopts, c),
+				          optarg);
+				return 2;
+			}
+			if (c == 'p')
+				vopts.ping_interval_ms = v;
+			else if (c == 'a')
+				vopts.max_agent_conns = (unsigned)v;
+			else
+				vopts.vsock_port = (uint32_t)v;
+			break;
+		}
 		case 'd':
 			fo.debug = true;
 			break;
@@ -433,6 +528,12 @@ int main(int argc, char **argv)
 		goto out_model;
 	}
 	fo.mountpoint = mntabs;
+	if (strcmp(ctl_path, "none") != 0 && inside_mount(ctl_path, mntabs)) {
+		/* bind() there would ask the tree for a socket node */
+		log_error("control socket %s is inside the mount point %s: give another "
+		          "--control-socket (or none), or mount elsewhere", ctl_path, mntabs);
+		goto out_model;
+	}
 	r = gl_fs_start(&d.loop, d.model, &fo, on_fs_ended, &d, &d.fs);
 	if (r < 0)
 		goto out_model;
@@ -443,29 +544,63 @@ int main(int argc, char **argv)
 	uv_signal_start(&d.sigint, on_signal, SIGINT);
 	uv_signal_start(&d.sigterm, on_signal, SIGTERM);
 
-	if (dopts.socket_path) {
-		if (!dopts.images_dir) {
-			snprintf(images, sizeof(images), "%s/images", state_dir);
-			dopts.images_dir = images;
-		}
-		err[0] = '\0';
-		r = gl_devlxd_start(&d.loop, d.model, &dopts, &d.devlxd, err, sizeof(err));
-		if (r < 0) {
-			log_error("devlxd socket %s: %s", dopts.socket_path,
-			          err[0] ? err : strerror(-r));
-			d.stopping = true;
-			status = 1;
-			gl_fs_stop(d.fs);
-			uv_run(&d.loop, UV_RUN_DEFAULT);
-			goto out_loop;
-		}
+	/* The devlxd server runs even without a host socket: VMs reach it
+	 * through their transports. */
+	if (!dopts.images_dir) {
+		snprintf(images, sizeof(images), "%s/images", state_dir);
+		dopts.images_dir = images;
+	}
+	err[0] = '\0';
+	r = gl_devlxd_start(&d.loop, d.model, &dopts, &d.devlxd, err, sizeof(err));
+	if (r < 0) {
+		log_error("devlxd socket %s: %s", dopts.socket_path ? dopts.socket_path : "(none)",
+		          err[0] ? err : strerror(-r));
+		goto out_stop;
+	}
+	if (dopts.socket_path)
 		log_info("devlxd API on %s", dopts.socket_path);
+
+	err[0] = '\0';
+	if (gl_auth_init() < 0 ||
+	    gl_auth_host_keys(state_dir, pk, vopts.sk, err, sizeof(err)) < 0) {
+		log_error("host key in %s: %s", state_dir, err[0] ? err : "cannot initialise libsodium");
+		goto out_stop;
+	}
+	/* a host of vhost-vsock guests has /dev/vhost-vsock; without it an
+	 * AF_VSOCK connect could only leave this machine for its own
+	 * hypervisor (specs/vsock.md §4) */
+	vopts.af_vsock = af_vsock < 0 ? access("/dev/vhost-vsock", F_OK) == 0 : af_vsock == 1;
+	if (!vopts.af_vsock)
+		log_debug("AF_VSOCK off: VMs bound by vsock-cid are not served");
+	err[0] = '\0';
+	r = gl_vm_start(&d.loop, d.model, d.devlxd, &vopts, &d.vm, err, sizeof(err));
+	explicit_bzero(vopts.sk, sizeof(vopts.sk));
+	if (r < 0) {
+		log_error("VM transports: %s", err[0] ? err : strerror(-r));
+		goto out_stop;
+	}
+	if (strcmp(ctl_path, "none") != 0) {
+		err[0] = '\0';
+		r = gl_ctl_start(&d.loop, d.model, d.vm, ctl_path, &d.ctl, err, sizeof(err));
+		if (r < 0) {
+			log_error("control socket: %s", err[0] ? err : strerror(-r));
+			goto out_stop;
+		}
+		log_info("control socket on %s", ctl_path);
 	}
 
 	log_info("serving %s on %s", state_dir, mnt);
 
 	uv_run(&d.loop, UV_RUN_DEFAULT);
 	status = 0;
+	goto out_loop;
+
+out_stop:
+	/* the mount is up: unmount through the normal path, then exit 1 */
+	d.stopping = true;
+	status = 1;
+	gl_fs_stop(d.fs);
+	uv_run(&d.loop, UV_RUN_DEFAULT);
 	goto out_loop;
 
 

@@ -6,7 +6,8 @@ set -eu
 
 PKGS="build-essential pkg-config libuv1-dev libfuse3-dev fuse3 libjansson-dev
 libsqlite3-dev libsodium-dev check libhttp-parser-dev libwslay-dev python3-pytest
-python3-websocket curl vim sqlite3 psmisc procps util-linux cloud-init"
+python3-websocket curl vim sqlite3 psmisc procps util-linux cloud-init
+clang-14 libclang-rt-14-dev"
 
 missing=""
 for p in $PKGS; do

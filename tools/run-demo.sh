@@ -30,6 +30,15 @@ mkdir -p "$MNT" 2>/dev/null || true
 # In its own session, so that Ctrl-C reaches only this script, which then
 # stops the daemon with one SIGTERM (two signals could race its shutdown).
 read -r -a extra <<<"${GUESTLINKD_ARGS:-}"
+# where guestlinkctl finds the daemon: the default, unless the extra
+# options name another control socket
+CTLSOCK=/run/guestlink/control.sock
+for ((k = 0; k < ${#extra[@]}; k++)); do
+	case "${extra[k]}" in
+	--control-socket) CTLSOCK=${extra[k + 1]:-} ;;
+	--control-socket=*) CTLSOCK=${extra[k]#--control-socket=} ;;
+	esac
+done
 mkdir -p "$STATE/devlxd"
 SOCKDIR=$(realpath "$STATE/devlxd")
 setsid "$DAEMON" --state-dir "$STATE" --mount "$MNT" --devlxd-socket "$SOCKDIR/sock" \
@@ -37,11 +46,11 @@ setsid "$DAEMON" --state-dir "$STATE" --mount "$MNT" --devlxd-socket "$SOCKDIR/s
 pid=$!
 ct=""
 ctpid=""
+stage=""
 
 # The stand-in container: its own pid and mount namespaces, a private /dev
 # (tmpfs with the usual nodes) where the socket's directory is /dev/lxd.
 start_container() {
-	local stage
 	stage=$(mktemp -d /tmp/gl-demo-dev.XXXXXX)
 	# shellcheck disable=SC2016 # expanded by the inner shell
 	setsid unshare --pid --fork --mount-proc --mount --propagation private /bin/sh -c '
@@ -78,6 +87,10 @@ stop() {
 		fi
 		wait "$ct" 2>/dev/null || true
 		kill -KILL "$ct" 2>/dev/null || true
+	fi
+	# the container's /dev was mounted here and moved away: empty on the host
+	if [ -n "$stage" ]; then
+		rmdir "$stage" 2>/dev/null || true
 	fi
 	kill -TERM "$pid" 2>/dev/null || true
 	rc=0
@@ -118,6 +131,10 @@ if start_container; then
 fi
 
 m=$(realpath "$MNT")
+ctl=$BUILD/guestlinkctl
+if [ "$CTLSOCK" != /run/guestlink/control.sock ]; then
+	ctl="$ctl -s $CTLSOCK"
+fi
 cat <<MSG
 
 guestlinkd is running (pid $pid): state in $(realpath "$STATE"), tree mounted on $m.
@@ -139,6 +156,15 @@ A container bound to "demo" (init pid $ctpid) sees LXD's guest API at
   nsenter -t $ctpid -p -m curl -s --unix-socket /dev/lxd/sock http://lxd/1.0/meta-data
   nsenter -t $ctpid -p -m curl -s --unix-socket /dev/lxd/sock -X PATCH -d '{"state":"Ready"}' http://lxd/1.0
   cat $m/demo/state           # Ready
+
+guestlinkctl talks to the daemon through its control socket ($CTLSOCK):
+
+  $ctl wait demo ready --timeout 60   # returns once demo is Ready (the PATCH above)
+  $ctl help
+
+Its other commands (ping, exec, push, pull, stat, ls, status) drive the
+guest agent of a VM. To see them work without a VM (vsock emulator, agent
+in its own namespaces), run in another shell: examples/vm-agent.sh $BUILD
 
 Press Ctrl-C here to stop the daemon (it unmounts $m).
 MSG

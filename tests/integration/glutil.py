@@ -42,20 +42,33 @@ def daemon_supports(flag):
     return _FLAGS[flag]
 
 
-def private_args(base, scratch_dirs=None):
-    """Options that keep a test daemon off host-wide paths: its devlxd
-    socket in its own directory (when the daemon has that face). A short
-    directory made for a socket is appended to scratch_dirs, for removal."""
-    if not daemon_supports("--devlxd-socket"):
-        return []
-    sock = os.path.join(base, "devlxd.sock")
-    if len(sock) > 100:  # sun_path is 108 bytes
+def _short_sock(base, name, scratch_dirs):
+    """base/name, or a socket in a short new directory when that path would
+    not fit sun_path (108 bytes)."""
+    sock = os.path.join(base, name)
+    if len(sock) > 100:
         import tempfile
         d = tempfile.mkdtemp(prefix="gl-t-")
         if scratch_dirs is not None:
             scratch_dirs.append(d)
-        sock = os.path.join(d, "sock")
-    return ["--devlxd-socket", sock]
+        sock = os.path.join(d, name)
+    return sock
+
+
+def private_args(base, scratch_dirs=None):
+    """Options that keep a test daemon off host-wide paths: its devlxd
+    socket and its control socket in its own directory (when the daemon has
+    those faces). A short directory made for a socket is appended to
+    scratch_dirs, for removal."""
+    args = []
+    if daemon_supports("--devlxd-socket"):
+        args += ["--devlxd-socket", _short_sock(base, "devlxd.sock", scratch_dirs)]
+    if daemon_supports("--control-socket"):
+        args += ["--control-socket", _short_sock(base, "control.sock", scratch_dirs)]
+    if daemon_supports("--af-vsock"):
+        # this machine is a VM: never an AF_VSOCK connect from a test
+        args += ["--af-vsock", "off"]
+    return args
 
 
 def prerequisite_missing():
@@ -201,11 +214,29 @@ class Guestlinkd:
     def p(self, *parts):
         return os.path.join(self.mnt, *parts)
 
+    def option(self, name):
+        """The value the daemon gets for option `name` (its private one
+        unless the test gave its own), or None."""
+        argv = self.cmdline()
+        if name in argv:
+            k = len(argv) - 1 - argv[::-1].index(name)
+            return argv[k + 1] if k + 1 < len(argv) else None
+        return None
+
+    @property
+    def control_socket(self):
+        return self.option("--control-socket")
+
     def cmdline(self, extra=()):
         args = self.args + list(extra)
         if self._private is None:
             self._private = private_args(self.base, self.scratch_dirs)
-        own = [] if self.bare or "--devlxd-socket" in args else self._private
+        own = [] if self.bare else self._private
+        # an option the test gives itself wins over the private one
+        for opt in ("--devlxd-socket", "--control-socket", "--af-vsock"):
+            if opt in args and opt in own:
+                k = own.index(opt)
+                own = own[:k] + own[k + 2:]
         return [GUESTLINKD, "--state-dir", self.state, "--mount", self.mnt] + own + args
 
     def start(self, *extra, wait=True):

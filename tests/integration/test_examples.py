@@ -1,11 +1,21 @@
-"""The scripts in examples/ run and exit 0 against a real daemon."""
+"""The scripts in examples/ run and exit 0: against a real daemon, or, for
+vm-agent.sh, with everything it starts itself."""
 
 import os
+import re
+import shutil
+import stat
 import subprocess
 
-from glutil import REPO, read_bytes, wait_opened
+import pytest
+
+from glutil import GUESTLINKD, REPO, read_bytes, wait_opened
 
 EX = os.path.join(REPO, "examples")
+# The build directory of the daemon under test (build/ or build-san/).
+BUILD = os.path.dirname(GUESTLINKD)
+VM_BINARIES = ("guestlinkd", "guestlink-agent", "guestlinkctl", "tools/vsock-mux")
+VM_TOOLS = ("unshare", "nsenter", "curl")
 
 
 def run_example(name, *args, timeout=30):
@@ -18,6 +28,13 @@ def test_usage_lines():
         p = run_example(name)
         assert p.returncode != 0
         assert p.stderr.startswith("usage: "), (name, p.stderr)
+    # vm-agent.sh runs with no argument at all: ask it for help, and give it
+    # too many arguments or a build directory that does not exist
+    for args in (["--help"], ["build", "extra"], ["/nonexistent/build"]):
+        p = run_example("vm-agent.sh", *args)
+        assert p.returncode == 2, (args, p.returncode)
+        assert p.stderr.startswith("usage: "), (args, p.stderr)
+        assert p.stdout == "", (args, p.stdout)
 
 
 def test_set_keys(gl):
@@ -64,3 +81,110 @@ def test_watch_all_events(gl):
     lines = out.splitlines()
     assert "c9: instance-created" in lines[0], out
     assert "c9: user.x" in lines[1], out
+
+
+# ---- examples/vm-agent.sh --------------------------------------------------
+
+def _vm_missing():
+    for b in VM_BINARIES:
+        if not os.access(os.path.join(BUILD, b), os.X_OK):
+            return f"{BUILD}/{b} is not built (make all)"
+    for t in VM_TOOLS:
+        if not shutil.which(t):
+            return f"{t} is not installed"
+    return None
+
+
+needs_vm = pytest.mark.skipif(_vm_missing() is not None, reason=str(_vm_missing()))
+
+# The steps vm-agent.sh reports, in order: the start of each "ok:" line.
+VM_STEPS = [
+    "ok: guestlinkd on ",
+    "ok: vm1: virtual-machine, vsock-uds ",
+    "ok: guest namespaces (init pid ",
+    "ok: agent online: status: online version: ",
+    "ok: vm1: agent ",
+    "ok: exec: stdout 'out', stderr 'err', exit 3",
+    "ok: exec: stdin reaches cat; a command runs as pid ",
+    "ok: exec: SIGTERM -> 143, --timeout -> 124",
+    "ok: push + pull: 3000000 bytes round trip, mode 0600",
+    "ok: stat: type file, mode 0600, size 3000000; stat /nope: exit 1; ls /etc: ",
+    "ok: curl /dev/lxd/sock in the guest: user.foo = 'hello from the host'",
+    "ok: the guest PATCHed Ready: wait ready returned 0; M/vm1/state = Ready",
+    "ok: status: status: online version: ",
+]
+
+
+def _left_behind(tmp):
+    """Mounts and processes that still refer to the script's directory."""
+    left = []
+    with open("/proc/self/mountinfo") as f:
+        left += [line.strip() for line in f if tmp in line]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if tmp in cmd:
+            left.append(f"pid {pid}: {cmd}")
+    return left
+
+
+def _vm_tmp(stdout):
+    first = stdout.splitlines()[0] if stdout else ""
+    assert first.startswith("ok: guestlinkd on /tmp/glvm."), stdout
+    return first[len("ok: guestlinkd on "):].rsplit("/mnt,", 1)[0]
+
+
+@needs_vm
+def test_vm_agent():
+    p = run_example("vm-agent.sh", BUILD, timeout=80)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == len(VM_STEPS) + 1, p.stdout
+    for line, want in zip(lines, VM_STEPS):
+        assert line.startswith(want), (line, want)
+    assert lines[-1] == "vm-agent: every step worked"
+    # the guest had no network interface but its (down) loopback
+    assert lines[2].endswith("network interfaces: lo"), lines[2]
+    # the command ran in the guest's pid namespace, not on the host
+    m = re.search(r"runs as pid (\d+) of the guest's pid namespace$", lines[6])
+    assert m and 1 < int(m.group(1)) < 1000, lines[6]
+    # it cleaned up after itself
+    tmp = _vm_tmp(p.stdout)
+    assert not os.path.exists(tmp), tmp
+    assert _left_behind(tmp) == []
+
+
+@needs_vm
+def test_vm_agent_fails_and_cleans_up(tmp_path):
+    """A step that goes wrong makes the script exit non-zero, name the step,
+    and still stop and remove everything: here a guestlinkctl whose ping
+    fails."""
+    build = tmp_path / "build"
+    (build / "tools").mkdir(parents=True)
+    for b in VM_BINARIES:
+        if b != "guestlinkctl":
+            os.symlink(os.path.join(BUILD, b), build / b)
+    ctl = build / "guestlinkctl"
+    ctl.write_text("#!/bin/sh\n"
+                   "for a in \"$@\"; do [ \"$a\" = ping ] && exit 1; done\n"
+                   f"exec {os.path.join(BUILD, 'guestlinkctl')} \"$@\"\n")
+    ctl.chmod(ctl.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    p = run_example("vm-agent.sh", str(build), timeout=80)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "vm-agent: FAILED at: ping" in p.stderr, p.stderr
+    assert "every step worked" not in p.stdout
+    assert p.stdout.splitlines()[-1].startswith("ok: agent online: "), p.stdout
+    tmp = _vm_tmp(p.stdout)
+    assert not os.path.exists(tmp), tmp
+    assert _left_behind(tmp) == []
+
+
+def test_vm_agent_missing_binary(tmp_path):
+    p = run_example("vm-agent.sh", str(tmp_path))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr == f"vm-agent: {tmp_path}/guestlinkd is not built (make)\n"
