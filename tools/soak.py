@@ -47,6 +47,11 @@ import glutil  # noqa: E402
 import devlxd_util  # noqa: E402
 from devlxd_util import Container  # noqa: E402
 
+try:
+    import vm_util  # noqa: E402
+except ImportError:  # the VM parts are optional for the soak
+    vm_util = None
+
 PYTHON = "/usr/bin/python3"
 LOADGEN = os.path.join(BUILD, "tools", "loadgen")
 
@@ -388,6 +393,85 @@ def lazy_ws_loop(ct):
         ST.add("never-reading WebSocket subscribers", 20)
 
 
+# ---- the VM: agent exec and file transfers through the emulator ----------------------------------
+
+def vm_parts_missing():
+    if vm_util is None:
+        return "tests/integration/vm_util.py is missing"
+    return vm_util.vm_missing()
+
+
+def vm_exec_loop(d, env):
+    n = 0
+    while not STOP.is_set():
+        if not d.up.wait(1):
+            continue
+        n += 1
+        try:
+            r = env.ctl("exec", "vm1", "--", "sh", "-c", f"echo {n}; echo e{n} >&2; exit {n % 7}",
+                        timeout=30)
+        except subprocess.TimeoutExpired:
+            problem(f"guestlinkctl exec {n} did not end within 30 s")
+            continue
+        if r.returncode == n % 7 and r.stdout == f"{n}\n".encode() and \
+                r.stderr == f"e{n}\n".encode():
+            ST.add("VM execs")
+        elif r.returncode in (69, 255):
+            ST.add("VM execs failed cleanly (daemon killed or link reset)")
+            time.sleep(0.2)
+        else:
+            problem(f"exec {n}: exit {r.returncode}, stdout {r.stdout[:80]!r}, "
+                    f"stderr {r.stderr[:200]!r}")
+
+
+def vm_transfer_loop(d, env, work):
+    rnd = random.Random(7)
+    n = 0
+    while not STOP.is_set():
+        if not d.up.wait(1):
+            continue
+        n += 1
+        data = rnd.randbytes(rnd.randrange(1, 2 << 20))
+        src = os.path.join(work, "push.bin")
+        back = os.path.join(work, "pull.bin")
+        with open(src, "wb") as f:
+            f.write(data)
+        remote = f"/tmp/gl-soak-{os.getpid()}.bin"
+        r = env.ctl("push", "vm1", src, remote, "--no-progress", timeout=60)
+        if r.returncode != 0:
+            ST.add("VM transfers failed cleanly (daemon killed or link reset)")
+            if r.returncode not in (1, 69, 255):
+                problem(f"push: exit {r.returncode}: {r.stderr[:200]!r}")
+            time.sleep(0.2)
+            continue
+        r = env.ctl("pull", "vm1", remote, back, "--no-progress", timeout=60)
+        if r.returncode != 0:
+            ST.add("VM transfers failed cleanly (daemon killed or link reset)")
+            if os.path.exists(back):
+                problem(f"pull failed with exit {r.returncode} but left {back}")
+                os.unlink(back)
+            time.sleep(0.2)
+            continue
+        with open(back, "rb") as f:
+            got = f.read()
+        os.unlink(back)
+        if got != data:
+            problem(f"transfer {n}: {len(data)} bytes pushed, {len(got)} different bytes pulled")
+        else:
+            ST.add("VM transfers (push + pull, byte-exact)")
+            ST.add("VM bytes moved", 2 * len(data))
+
+
+def vm_resetter(vm, rnd):
+    """Snapshot/restore: the emulator resets every vsock connection."""
+    while not STOP.wait(rnd.uniform(20, 45)):
+        try:
+            vm.mux.reset()
+            ST.add("vsock transport resets")
+        except Exception as e:  # the emulator must stay up
+            problem(f"vsock-mux reset failed: {e!r}")
+
+
 # ---- faults ------------------------------------------------------------------------------------
 
 def killer(d, seconds, rnd):
@@ -531,10 +615,13 @@ def main():
                    check=True)
     sockdir = tempfile.mkdtemp(prefix="gl-sk-", dir="/tmp")
     sock = os.path.join(sockdir, "sock")
-    d = Daemon(base, sock, [])
+    ctl_dir = tempfile.mkdtemp(prefix="gl-sc-", dir="/tmp")
+    d = Daemon(base, sock, ["--control-socket", os.path.join(ctl_dir, "control.sock"),
+                            "--af-vsock", "off"])
     d.gl.state = state
     cts = {}
     sub = None
+    env = vm = vm_work = None
     threads = []
     t0 = time.monotonic()
     try:
@@ -549,6 +636,14 @@ def main():
                 f.write("bar")  # what loadgen asks for
         sub = Subscriber(cts["c1"])
         host_ev = {"opens": 0, "events": 0, "bad": 0}
+        why = vm_parts_missing()
+        if why:
+            print(f"soak: no VM load: {why}", file=sys.stderr)
+        else:
+            env = vm_util.VMEnv(d.gl, os.path.dirname(d.gl.control_socket))
+            vm_util.wait_for(lambda: os.path.exists(env.host_pub), 10.0, "host.pub")
+            vm = env.mkvm("vm1")
+            vm_work = tempfile.mkdtemp(prefix="gl-soak-vm-", dir="/tmp")
         targets = [
             (fuse_writer, (d, i, ["c1", "c2"])) for i in range(4)] + [
             (instance_churn, (d, 0)), (counter_writer, (d,)),
@@ -560,6 +655,9 @@ def main():
             (disk_filler, (d, state, a.seconds * 0.4, min(10, a.seconds * 0.1))),
             (sampler, (d,)),
         ]
+        if env:
+            targets += [(vm_exec_loop, (d, env)), (vm_exec_loop, (d, env)),
+                        (vm_transfer_loop, (d, env, vm_work)), (vm_resetter, (vm, rnd))]
         for fn, args in targets:
             t = threading.Thread(target=fn, args=args, daemon=True)
             t.start()
@@ -589,6 +687,14 @@ def main():
         if sub.reconnects < ST.get("daemon kills"):
             problem(f"the devlxd subscriber reconnected {sub.reconnects} times for "
                     f"{ST.get('daemon kills')} daemon kills")
+        if vm:
+            try:
+                vm.wait_online(30)
+                r = env.ctl("ping", "vm1", timeout=30)
+                if r.returncode != 0:
+                    problem(f"ping after the soak: exit {r.returncode}: {r.stderr!r}")
+            except AssertionError as e:
+                problem(f"the agent link did not come back: {str(e)[:300]}")
         checked, lost = verify(d, cts, state)
         rows = life_growth(d)
         d.gl.stop()
@@ -596,13 +702,17 @@ def main():
         STOP.set()
         if sub:
             sub.close()
+        if env:
+            for p in env.close():
+                problem(p)
         for ct in cts.values():
             ct.stop()
         if d.gl.running:
             d.gl.stop(signal.SIGKILL)
         subprocess.run(["umount", "-l", d.gl.mnt], capture_output=True)
         subprocess.run(["umount", "-l", state], capture_output=True)
-        subprocess.run(["rm", "-rf", base, sockdir], capture_output=True)
+        subprocess.run(["rm", "-rf", base, sockdir, ctl_dir] + ([vm_work] if vm_work else []),
+                       capture_output=True)
 
     kills = ST.get("daemon kills")
     lines = [
@@ -620,7 +730,15 @@ def main():
         f"| instances created and removed | {ST.get('instances created and removed'):,} |",
         f"| never-reading WebSocket subscribers | "
         f"{ST.get('never-reading WebSocket subscribers'):,} |",
+        f"| VM execs through the agent (output and exit code checked) | "
+        f"{ST.get('VM execs'):,} |",
+        f"| VM push + pull round trips, byte-exact | "
+        f"{ST.get('VM transfers (push + pull, byte-exact)'):,} "
+        f"({ST.get('VM bytes moved') / 2**20:,.0f} MiB moved) |",
+        f"| VM operations failed cleanly during faults | "
+        f"{ST.get('VM execs failed cleanly (daemon killed or link reset)') + ST.get('VM transfers failed cleanly (daemon killed or link reset)'):,} |",
         f"| daemon kill -9 and restarts | {kills} |",
+        f"| vsock transport resets (snapshot/restore) | {ST.get('vsock transport resets')} |",
         f"| load clients killed mid-request | {ST.get('load clients killed mid-request')} |",
         f"| disk-full episodes | {ST.get('disk-full episodes')} |",
     ]
