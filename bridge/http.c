@@ -941,6 +941,12 @@ static int cb_header_field(http_parser *p, const char *at, size_t len)
 {
 	gl_http_conn *c = p->data;
 
+	/* http-parser reports a chunked body's trailer fields through these
+	 * callbacks too. They must not grow c->head: the request's pointers
+	 * point into it by now. No handler asks for trailers (Go keeps them
+	 * from handlers that do not), so they are dropped. */
+	if (c->hdr_done)
+		return 0;
 	if (c->value_last || c->noffs == 0) {
 		if (c->noffs == c->capoffs) {
 			size_t ncap = c->capoffs ? c->capoffs * 2 : 16;
@@ -965,6 +971,8 @@ static int cb_header_value(http_parser *p, const char *at, size_t len)
 	gl_http_conn *c = p->data;
 	foff *f;
 
+	if (c->hdr_done)
+		return 0; /* a trailer: see cb_header_field */
 	if (!c->noffs)
 		return 1;
 	f = &c->offs[c->noffs - 1];
@@ -1412,6 +1420,15 @@ static void eof_check(gl_http_conn *c)
 		return;
 	if (!can_parse(c) && c->in.len)
 		return; /* waiting for our own output to drain; resumed later */
+	if (c->phase == PH_BODY && !c->msg_done) {
+		/* the body was cut short by the client's EOF: Go has called the
+		 * handler already, its body read fails with io.ErrUnexpectedEOF,
+		 * and it answers (the client may still be reading) */
+		c->req.body_bad = true;
+		c->body_stop = true;
+		dispatch(c, NULL, 0);
+		return;
+	}
 	if (!c->queued)
 		conn_close(c);
 	else

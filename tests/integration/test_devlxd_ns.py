@@ -655,6 +655,32 @@ def test_malformed_requests(devlxd):
     assert res.data.endswith(b"\r\n\r\nbar"), res
 
 
+def test_chunked_trailers_and_bodies_cut_by_eof(devlxd):
+    """Found by the fuzzer (fuzz/crashes/): trailer fields after a chunked
+    body used to grow the request head under the handler's pointers (a
+    use-after-free); a PATCH body cut short by the client's half-close got
+    no answer at all, where Go answers 400."""
+    devlxd.mkinstance("c1", C1_CONFIG, C1_DEVICES)
+    a = devlxd.container("c1").agent()
+    trailer = b"X-Trailer: " + b"a" * 3000 + b"\r\n"
+    res = a.exchange(b"PATCH /1.0 HTTP/1.1\r\nHost: lxd\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n11\r\n{\"state\":\"Ready\"}\r\n0\r\n" +
+                     trailer * 4 + b"\r\n")
+    assert res.data.startswith(b"HTTP/1.1 200 OK\r\n"), res
+    assert devlxd.attr("c1", "state") == b"Ready\n"
+    res = a.exchange(b"GET /1.0/config/user.foo HTTP/1.1\r\nHost: lxd\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\n" + trailer + b"\r\n")
+    assert res.data.endswith(b"\r\n\r\nbar"), res
+    # the body ends early: 400, then the connection closes
+    res = a.exchange(b"PATCH /1.0 HTTP/1.1\r\nHost: lxd\r\nContent-Length: 30\r\n\r\n"
+                     b"{\"state\":\"Started\"", shut_wr=True)
+    st, hdrs, body = parse_response(mask_dates(res.data))
+    assert st == 400 and body == b"Invalid request body: unexpected EOF\n", res
+    assert res.eof
+    assert devlxd.attr("c1", "state") == b"Ready\n"
+
+
 def test_oversize_headers(devlxd):
     """Go's header limit (1 MiB + 4 KiB): under it served, over it 431."""
     devlxd.mkinstance("c1", C1_CONFIG, C1_DEVICES)
