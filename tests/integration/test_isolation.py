@@ -298,3 +298,50 @@ def test_image_export_never_leaves_the_images_dir(devlxd):
             res.data.startswith(b"HTTP/1.1 301 "), (target, res.data)
         assert b"root:" not in res.data and b"host-secret" not in res.data
     subprocess.run(["rm", "-rf", os.path.dirname(secret)])
+
+
+# ---- VM transports ------------------------------------------------------------------------------
+
+from test_vm_host import mkvm, vmd, scratch  # noqa: E402,F401  (fixtures)
+
+VM2_SECRET = "vm2-secret-41aa"
+
+
+def raw_exchange(path, data, timeout=5.0):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(data)
+    out = read_all(s, timeout)
+    s.close()
+    return out
+
+
+def test_vm_transport_cannot_claim_another_vm(vmd, scratch):
+    """What arrives on vm1's transport (<uds>_7362) is vm1, whatever it says:
+    headers, paths and queries naming vm2, a CONNECT line as if to reach
+    another port, get vm1's data or an error, never vm2's."""
+    uds1, uds2 = os.path.join(scratch, "vm1.sock"), os.path.join(scratch, "vm2.sock")
+    mkvm(vmd, "vm1", uds1, {"user.foo": "one"})
+    mkvm(vmd, "vm2", uds2, {"user.foo": VM2_SECRET, "user.meta-data": VM2_SECRET})
+    t1 = uds1 + "_7362"
+    tricks = [
+        b"GET /1.0/config/user.foo HTTP/1.1\r\nHost: vm2\r\nConnection: close\r\n\r\n",
+        b"GET /1.0/config/user.foo HTTP/1.1\r\nHost: lxd\r\nX-LXD-Instance: vm2\r\n"
+        b"Forwarded: for=vm2\r\nConnection: close\r\n\r\n",
+        b"GET /1.0/config/user.foo?instance=vm2&project=vm2 HTTP/1.1\r\nHost: lxd\r\n"
+        b"Connection: close\r\n\r\n",
+        b"GET /1.0/config/..%2F..%2Fvm2%2Fconfig%2Fuser.foo HTTP/1.1\r\nHost: lxd\r\n"
+        b"Connection: close\r\n\r\n",
+        b"GET /vm2/1.0/meta-data HTTP/1.1\r\nHost: lxd\r\nConnection: close\r\n\r\n",
+        b"CONNECT 7362\nGET /1.0/config/user.foo HTTP/1.1\r\nHost: lxd\r\nConnection: close"
+        b"\r\n\r\n",
+        b"GET " + uds2.encode() + b"_7362 HTTP/1.1\r\nHost: lxd\r\nConnection: close\r\n\r\n",
+    ]
+    for t in tricks:
+        out = raw_exchange(t1, t)
+        assert VM2_SECRET.encode() not in out, (t, out)
+        assert out.startswith(b"HTTP/1.1 "), (t, out)
+    # and vm1's own answer is vm1's
+    out = raw_exchange(t1, tricks[0])
+    assert out.endswith(b"\r\n\r\none"), out
