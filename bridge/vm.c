@@ -38,8 +38,15 @@ struct gl_vm_link {
 	gl_vm_link *prev, *next; /* rec's queue (L_QUEUED) or its active list */
 	gl_vm_link *dnext;       /* the deferred-callback list */
 	int status;              /* deferred outcome */
+	unsigned retries;        /* failed dials while the agent was online */
 	bool in_defer, released;
 };
+
+/* A relay's dial that fails while the monitor sees the agent online is
+ * retried (first in line) this many times: under load a handshake can miss
+ * its deadline, and one unlucky failure must not fail every request queued
+ * behind it. */
+#define LINK_RETRIES 8
 
 struct vmrec {
 	uv_timer_t timer; /* first: handle -> record */
@@ -439,12 +446,19 @@ static void on_relay_link(void *arg, int status, gl_fconn *c, const gl_agent_hel
 	vmrec *r = l->rec;
 
 	l->dial = NULL;
-	if (status < 0 && status != -EPERM && r && r->active > 1) {
+	if (status < 0 && status != -EPERM && r &&
+	    (r->active > 1 || (r->online && l->retries < LINK_RETRIES))) {
 		/* refused while other links of ours are up: the agent is at its
 		 * own connection limit. Wait in line (first) for one of them to
-		 * end, and open no more than it took. */
+		 * end, and open no more than it took. Refused with none of ours
+		 * up while the agent answers pings: a handshake that missed its
+		 * deadline under load; try again, one link at a time. */
+		if (r->active <= 1)
+			l->retries++;
 		link_requeue(r, l);
 		r->cap = r->active ? r->active : 1;
+		if (!r->active)
+			link_pump(r);
 		return;
 	}
 	if (status < 0) {
