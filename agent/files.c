@@ -108,6 +108,43 @@ static const char *mode_type(unsigned m)
 	return "other";
 }
 
+/* Common head of every uv_fs callback: 1 when fr is still wanted. An
+ * aborted request fails quietly (file_fail sends nothing then). */
+static int fs_cb_head(file_req *fr, uv_fs_t *fs, ssize_t *res)
+{
+	*res = fs->result;
+	uv_fs_req_cleanup(fs);
+	fr->busy = false;
+	if (fr->aborted || fr->cancelled) {
+		file_fail(fr, ECANCELED);
+		return 0;
+	}
+	if (*res < 0) {
+		file_fail(fr, (int)-*res);
+		return 0;
+	}
+	return 1;
+}
+
+/* After handing a job to libuv: ret is what the submission returned. */
+static void submitted(file_req *fr, int ret)
+{
+	if (ret < 0)
+		file_fail(fr, -ret);
+	else
+		fr->busy = true;
+}
+
+/* The request's path, or NULL once the request is failed. */
+static const char *path_or_fail(agent_conn *c, uint32_t id, json_t *req)
+{
+	const char *path = req_path(req);
+
+	if (!path)
+		agent_conn_fail(c, id, EINVAL, "\"path\" must be an absolute path");
+	return path;
+}
+
 /* Only the connection's end of things matters for these. */
 static void quiet_abort(agent_req *r)
 {
@@ -125,18 +162,10 @@ static void read_next(file_req *fr);
 static void read_cb(uv_fs_t *fs)
 {
 	file_req *fr = fs->data;
-	ssize_t n = fs->result;
+	ssize_t n;
 
-	uv_fs_req_cleanup(fs);
-	fr->busy = false;
-	if (fr->aborted) {
-		file_req_free(fr);
+	if (!fs_cb_head(fr, fs, &n))
 		return;
-	}
-	if (n < 0) {
-		file_fail(fr, (int)-n);
-		return;
-	}
 	if (fr->have_pend)
 		agent_req_send(&fr->r, GL_FRAME_DATA, n == 0 ? GL_FRAME_END : 0,
 			       fr->buf[fr->cur ^ 1], fr->pend_len);
@@ -166,30 +195,18 @@ static void read_next(file_req *fr)
 	fr->waiting = false;
 	b = uv_buf_init(fr->buf[fr->cur], GL_FRAME_CHUNK);
 	ret = uv_fs_read(fr->r.agent->loop, &fr->fs, fr->fd, &b, 1, -1, read_cb);
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
-	fr->busy = true;
+	submitted(fr, ret);
 }
 
 static void read_fstat_cb(uv_fs_t *fs)
 {
 	file_req *fr = fs->data;
-	int ret = (int)fs->result;
 	uv_stat_t st = fs->statbuf;
+	ssize_t res;
 	json_t *j;
 
-	uv_fs_req_cleanup(fs);
-	fr->busy = false;
-	if (fr->aborted) {
-		file_req_free(fr);
+	if (!fs_cb_head(fr, fs, &res))
 		return;
-	}
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
 	if (S_ISDIR(st.st_mode)) {
 		file_fail(fr, EISDIR);
 		return;
@@ -203,36 +220,19 @@ static void read_fstat_cb(uv_fs_t *fs)
 static void read_open_cb(uv_fs_t *fs)
 {
 	file_req *fr = fs->data;
-	int ret = (int)fs->result;
+	ssize_t res = fs->result;
 
-	uv_fs_req_cleanup(fs);
-	fr->busy = false;
-	if (ret >= 0)
-		fr->fd = ret;
-	if (fr->aborted) {
-		file_req_free(fr);
+	if (res >= 0)
+		fr->fd = (uv_file)res;
+	if (!fs_cb_head(fr, fs, &res))
 		return;
-	}
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
-	ret = uv_fs_fstat(fr->r.agent->loop, &fr->fs, fr->fd, read_fstat_cb);
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
-	fr->busy = true;
+	submitted(fr, uv_fs_fstat(fr->r.agent->loop, &fr->fs, fr->fd, read_fstat_cb));
 }
 
 static void read_cancel(agent_req *r, int sig)
 {
-	file_req *fr = (file_req *)r;
-
 	agent_req_fail(r, ECANCELED, "cancelled");
-	fr->aborted = true;
-	if (!fr->busy)
-		file_req_free(fr);
+	quiet_abort(r);
 }
 
 static void read_pause_out(agent_req *r, bool paused)
@@ -251,14 +251,12 @@ static const agent_req_ops read_ops = {
 
 void agent_op_read(agent_conn *c, uint32_t id, json_t *req)
 {
-	const char *path = req_path(req);
+	const char *path = path_or_fail(c, id, req);
 	file_req *fr;
 	int ret;
 
-	if (!path) {
-		agent_conn_fail(c, id, EINVAL, "\"path\" must be an absolute path");
+	if (!path)
 		return;
-	}
 	fr = file_req_new(c, id, &read_ops);
 	if (!fr) {
 		agent_conn_fail(c, id, ENOMEM, NULL);
@@ -272,11 +270,7 @@ void agent_op_read(agent_conn *c, uint32_t id, json_t *req)
 	}
 	ret = uv_fs_open(fr->r.agent->loop, &fr->fs, path, O_RDONLY | O_CLOEXEC | O_NOCTTY, 0,
 			 read_open_cb);
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
-	fr->busy = true;
+	submitted(fr, ret);
 }
 
 /* ---- write -----------------------------------------------------------------
@@ -292,23 +286,6 @@ static void write_pump(file_req *fr);
 static void write_finish_err(file_req *fr, int e)
 {
 	file_fail(fr, fr->cancelled ? ECANCELED : e);
-}
-
-/* Common head of every write-side callback: 1 when fr is still wanted. */
-static int write_cb_head(file_req *fr, uv_fs_t *fs, ssize_t *res)
-{
-	*res = fs->result;
-	uv_fs_req_cleanup(fs);
-	fr->busy = false;
-	if (fr->aborted || fr->cancelled) {
-		write_finish_err(fr, ECANCELED);
-		return 0;
-	}
-	if (*res < 0) {
-		file_fail(fr, (int)-*res);
-		return 0;
-	}
-	return 1;
 }
 
 /* Give the unnamed file a fresh name from the template. */
@@ -388,7 +365,7 @@ static void write_data_cb(uv_fs_t *fs)
 	file_req *fr = fs->data;
 	ssize_t res;
 
-	if (!write_cb_head(fr, fs, &res))
+	if (!fs_cb_head(fr, fs, &res))
 		return;
 	fr->woff += (size_t)res;
 	fr->written += (uint64_t)res;
@@ -417,22 +394,14 @@ static void write_pump(file_req *fr)
 		agent_req_hold_input(&fr->r, true);
 		b = uv_buf_init(fr->w.data + fr->woff, (unsigned)(fr->w.len - fr->woff));
 		ret = uv_fs_write(fr->r.agent->loop, &fr->fs, fr->fd, &b, 1, -1, write_data_cb);
-		if (ret < 0) {
-			file_fail(fr, -ret);
-			return;
-		}
-		fr->busy = true;
+		submitted(fr, ret);
 		return;
 	}
 	if (fr->end_seen) {
 		fr->work.data = fr;
 		ret = uv_queue_work(fr->r.agent->loop, &fr->work, write_finish_work,
 				    write_finish_after);
-		if (ret < 0) {
-			file_fail(fr, -ret);
-			return;
-		}
-		fr->busy = true;
+		submitted(fr, ret);
 		return;
 	}
 	agent_req_hold_input(&fr->r, false);
@@ -443,7 +412,7 @@ static void write_chmod_cb(uv_fs_t *fs)
 	file_req *fr = fs->data;
 	ssize_t res;
 
-	if (!write_cb_head(fr, fs, &res))
+	if (!fs_cb_head(fr, fs, &res))
 		return;
 	fr->ready = true;
 	write_pump(fr);
@@ -455,11 +424,7 @@ static void write_opened(file_req *fr)
 
 	/* The requested mode exactly, whatever our umask. */
 	ret = uv_fs_fchmod(fr->r.agent->loop, &fr->fs, fr->fd, (int)fr->mode, write_chmod_cb);
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
-	fr->busy = true;
+	submitted(fr, ret);
 }
 
 static void write_mkstemp_cb(uv_fs_t *fs)
@@ -471,7 +436,7 @@ static void write_mkstemp_cb(uv_fs_t *fs)
 		fr->fd = (uv_file)res;
 		fr->tmp = strdup(fs->path);
 	}
-	if (!write_cb_head(fr, fs, &res))
+	if (!fs_cb_head(fr, fs, &res))
 		return;
 	if (!fr->tmp) {
 		file_fail(fr, ENOMEM);
@@ -499,14 +464,10 @@ static void write_tmpfile_cb(uv_fs_t *fs)
 			return;
 		}
 		ret = uv_fs_mkstemp(fr->r.agent->loop, &fr->fs, fr->tmpl, write_mkstemp_cb);
-		if (ret < 0) {
-			file_fail(fr, -ret);
-			return;
-		}
-		fr->busy = true;
+		submitted(fr, ret);
 		return;
 	}
-	if (!write_cb_head(fr, fs, &res))
+	if (!fs_cb_head(fr, fs, &res))
 		return;
 	write_opened(fr);
 }
@@ -543,17 +504,15 @@ static const agent_req_ops write_ops = {
 
 void agent_op_write(agent_conn *c, uint32_t id, json_t *req)
 {
-	const char *path = req_path(req), *slash;
+	const char *path = path_or_fail(c, id, req), *slash;
 	json_t *jm = json_object_get(req, "mode");
 	unsigned mode = 0644;
 	char *dir = NULL;
 	file_req *fr;
 	int ret;
 
-	if (!path) {
-		agent_conn_fail(c, id, EINVAL, "\"path\" must be an absolute path");
+	if (!path)
 		return;
-	}
 	if (jm && !json_is_null(jm)) {
 		if (!json_is_integer(jm) || json_integer_value(jm) < 0 ||
 		    json_integer_value(jm) > 07777) {
@@ -590,11 +549,7 @@ void agent_op_write(agent_conn *c, uint32_t id, json_t *req)
 	ret = uv_fs_open(fr->r.agent->loop, &fr->fs, dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600,
 			 write_tmpfile_cb);
 	free(dir);
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
-	fr->busy = true;
+	submitted(fr, ret);
 }
 
 /* ---- stat ------------------------------------------------------------------ */
@@ -602,20 +557,12 @@ void agent_op_write(agent_conn *c, uint32_t id, json_t *req)
 static void stat_cb(uv_fs_t *fs)
 {
 	file_req *fr = fs->data;
-	int ret = (int)fs->result;
 	uv_stat_t st = fs->statbuf;
+	ssize_t res;
 	json_t *j;
 
-	uv_fs_req_cleanup(fs);
-	fr->busy = false;
-	if (fr->aborted) {
-		file_req_free(fr);
+	if (!fs_cb_head(fr, fs, &res))
 		return;
-	}
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
 	j = json_pack("{s:s, s:I, s:I, s:I, s:I, s:I}", "type", mode_type((unsigned)st.st_mode),
 		      "mode", (json_int_t)(st.st_mode & 07777), "size", (json_int_t)st.st_size,
 		      "uid", (json_int_t)st.st_uid, "gid", (json_int_t)st.st_gid, "mtime_ns",
@@ -631,25 +578,17 @@ static const agent_req_ops stat_ops = {
 
 void agent_op_stat(agent_conn *c, uint32_t id, json_t *req)
 {
-	const char *path = req_path(req);
+	const char *path = path_or_fail(c, id, req);
 	file_req *fr;
-	int ret;
 
-	if (!path) {
-		agent_conn_fail(c, id, EINVAL, "\"path\" must be an absolute path");
+	if (!path)
 		return;
-	}
 	fr = file_req_new(c, id, &stat_ops);
 	if (!fr) {
 		agent_conn_fail(c, id, ENOMEM, NULL);
 		return;
 	}
-	ret = uv_fs_lstat(fr->r.agent->loop, &fr->fs, path, stat_cb);
-	if (ret < 0) {
-		file_fail(fr, -ret);
-		return;
-	}
-	fr->busy = true;
+	submitted(fr, uv_fs_lstat(fr->r.agent->loop, &fr->fs, path, stat_cb));
 }
 
 /* ---- list ------------------------------------------------------------------ */
@@ -801,14 +740,12 @@ static const agent_req_ops list_ops = {
 
 void agent_op_list(agent_conn *c, uint32_t id, json_t *req)
 {
-	const char *path = req_path(req);
+	const char *path = path_or_fail(c, id, req);
 	list_req *l;
 	int ret;
 
-	if (!path) {
-		agent_conn_fail(c, id, EINVAL, "\"path\" must be an absolute path");
+	if (!path)
 		return;
-	}
 	l = calloc(1, sizeof(*l));
 	if (!l) {
 		agent_conn_fail(c, id, ENOMEM, NULL);

@@ -253,7 +253,7 @@ static gl_instance *identify(dconn *dc)
 		return NULL;
 	}
 	inst = gl_peer_instance(d->peer, dc->uid);
-	if (!inst || (!dc->adopted && !connector_alive(dc))) {
+	if (!inst || (!dc->adopted && (!connector_alive(dc) || gl_instance_is_vm(inst)))) {
 		gl_http_error(dc->c, 500, "pid not in container?");
 		return NULL;
 	}

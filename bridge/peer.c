@@ -750,6 +750,7 @@ static prec *lookup_cgroup(gl_peer *p, gl_buf *cg)
 
 int gl_peer_resolve(gl_peer *p, const gl_peer_cred *c, uint64_t *uid)
 {
+	gl_instance *inst;
 	prec *found = NULL;
 	bool exact = false;
 	int nsfd;
@@ -800,6 +801,11 @@ int gl_peer_resolve(gl_peer *p, const gl_peer_cred *c, uint64_t *uid)
 	 * connected: if it is still alive its pid cannot have been reused
 	 * meanwhile (a namespace taken through the pidfd needs no such check) */
 	if (c->pidfd < 0 || (!exact && !pidfd_alive(c->pidfd)))
+		return -ESRCH;
+	/* a VM keeps the init-pid / cgroup it had as a container, unused:
+	 * VMs are known by their vsock transport only */
+	inst = gl_peer_instance(p, found->uid);
+	if (!inst || gl_instance_is_vm(inst))
 		return -ESRCH;
 	*uid = found->uid;
 	return 0;

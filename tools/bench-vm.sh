@@ -101,23 +101,23 @@ def serve(path, handler):
     return s
 
 
+def pump(read, write, size=1 << 20):
+    while True:
+        b = read(size)
+        if not b:
+            return
+        write(b)
+
+
 def echo(c):
     with c:
-        while True:
-            b = c.recv(65536)
-            if not b:
-                return
-            c.sendall(b)
+        pump(c.recv, c.sendall, 65536)
 
 
 def sink_to(path):
     def h(c):
         with c, open(path, "wb") as f:
-            while True:
-                b = c.recv(1 << 20)
-                if not b:
-                    break
-                f.write(b)
+            pump(c.recv, f.write)
             f.flush()
             os.fsync(f.fileno())
     return h
@@ -126,11 +126,7 @@ def sink_to(path):
 def source_from(path):
     def h(c):
         with c, open(path, "rb") as f:
-            while True:
-                b = f.read(1 << 20)
-                if not b:
-                    break
-                c.sendall(b)
+            pump(f.read, c.sendall)
     return h
 
 

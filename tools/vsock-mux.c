@@ -598,6 +598,21 @@ static void open_established(conn *c)
 	c->retry_at = 0;
 }
 
+/* Both streams are connected: the rings, then the OK line to whoever sent
+ * CONNECT (fd). False once c is killed. */
+static bool answer_ok(conn *c, int fd, const char *ok, size_t n)
+{
+	if (conn_buffers(c) < 0) {
+		conn_kill(c, "out of memory");
+		return false;
+	}
+	if (send(fd, ok, n, MSG_NOSIGNAL | MSG_DONTWAIT) != (ssize_t)n) {
+		conn_kill(c, "OK not written whole");
+		return false;
+	}
+	return true;
+}
+
 /* Host-initiated: connect (non-blocking) to DIR/listen-<P>. A Unix connect
  * that lands in the listener's backlog is what a guest kernel's RESPONSE
  * is: the guest has the connection queued, before its accept(). */
@@ -640,34 +655,15 @@ static void request_guest(conn *c)
 		return;
 	}
 	c->gfd = fd;
-	if (conn_buffers(c) < 0) {
-		conn_kill(c, "out of memory");
-		return;
-	}
 	n = snprintf(ok, sizeof(ok), "OK %" PRIu32 "\n",
 		     mux.mode == MODE_VHOST ? c->port : c->local_port);
-	if (send(c->hfd, ok, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT) != n) {
-		conn_kill(c, "OK not written whole");
+	if (!answer_ok(c, c->hfd, ok, (size_t)n))
 		return;
-	}
 	mux.host_ok++;
 	vlog("conn %" PRIu64 ": host -> guest port %" PRIu32 ": OK %" PRIu32, c->id, c->port,
 	     mux.mode == MODE_VHOST ? c->port : c->local_port);
 	open_established(c);
 	conn_update(c);
-}
-
-static void host_line_parsed(conn *c, uint32_t port)
-{
-	c->port = port;
-	if (add_connection(c) < 0) {
-		conn_kill(c, "connection cap");
-		return;
-	}
-	c->local_port = allocate_local_port();
-	c->state = C_REQUEST;
-	conn_update(c);
-	request_guest(c);
 }
 
 /* Firecracker: read_exact of 10 bytes, then one byte at a time up to "\n"
@@ -687,35 +683,27 @@ static int read_exact(int fd, char *p, size_t n)
 	return 0;
 }
 
-static void host_line_fc(conn *c)
+static int host_line_fc(conn *c, uint32_t *port)
 {
 	size_t blen = 10;
-	uint32_t port;
 
 	if (read_exact(c->hfd, c->line, 10) < 0)
-		goto fail;
+		return -EINVAL;
 	while (c->line[blen - 1] != '\n' && blen < LINE_CAP) {
 		if (read_exact(c->hfd, c->line + blen, 1) < 0)
-			goto fail;
+			return -EINVAL;
 		blen++;
 	}
-	if (gl_vsock_parse_connect(c->line, blen, &port) < 0)
-		goto fail;
-	host_line_parsed(c, port);
-	return;
-fail:
-	mux.host_failed++;
-	conn_kill(c, "bad CONNECT line");
+	return gl_vsock_parse_connect(c->line, blen, port);
 }
 
 /* vhost-device-vsock: read_until('\n') through a BufReader: big reads,
  * and whatever followed "\n" in them is lost. */
-static void host_line_vhost(conn *c)
+static int host_line_vhost(conn *c, uint32_t *port)
 {
 	char buf[VHOST_READ];
 	size_t total = 0;
 	char line[VHOST_READ];
-	uint32_t port;
 
 	for (;;) {
 		ssize_t r = read(c->hfd, buf, sizeof(buf));
@@ -725,11 +713,11 @@ static void host_line_vhost(conn *c)
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0)
-			goto fail;
+			return -EINVAL;
 		nl = memchr(buf, '\n', (size_t)r);
 		take = nl ? (size_t)(nl - buf) + 1 : (size_t)r;
 		if (total + take > sizeof(line))
-			goto fail; /* a test tool's bound, far beyond any real line */
+			return -EINVAL; /* a test tool's bound, far beyond any real line */
 		memcpy(line + total, buf, take);
 		total += take;
 		if (nl) {
@@ -739,38 +727,52 @@ static void host_line_vhost(conn *c)
 			break;
 		}
 	}
-	if (parse_connect_any(line, total, &port) < 0)
-		goto fail;
-	host_line_parsed(c, port);
-	return;
-fail:
-	mux.host_failed++;
-	conn_kill(c, "bad CONNECT line");
+	return parse_connect_any(line, total, port);
 }
 
 /* Cloud Hypervisor: one byte per readiness event, the partial line kept. */
-static void host_line_ch(conn *c)
+static int host_line_ch(conn *c, uint32_t *port)
 {
-	uint32_t port;
 	ssize_t r;
-	int ret;
 
 	r = read(c->hfd, c->line + c->nline, 1);
 	if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-		return;
+		return 1;
 	if (r <= 0)
-		goto fail;
+		return -EINVAL;
 	c->nline++;
-	ret = parse_connect_ch(c->line, c->nline, &port);
+	return parse_connect_ch(c->line, c->nline, port);
+}
+
+/* A host stream's CONNECT line, read the mode's way; once it is whole,
+ * the connection is counted and the guest listener asked. */
+static void host_line(conn *c)
+{
+	uint32_t port;
+	int ret;
+
+	if (mux.mode == MODE_VHOST)
+		ret = host_line_vhost(c, &port);
+	else if (mux.mode == MODE_CLOUD_HV)
+		ret = host_line_ch(c, &port);
+	else
+		ret = host_line_fc(c, &port);
 	if (ret == 1)
 		return;
-	if (ret < 0)
-		goto fail;
-	host_line_parsed(c, port);
-	return;
-fail:
-	mux.host_failed++;
-	conn_kill(c, "bad CONNECT line");
+	if (ret < 0) {
+		mux.host_failed++;
+		conn_kill(c, "bad CONNECT line");
+		return;
+	}
+	c->port = port;
+	if (add_connection(c) < 0) {
+		conn_kill(c, "connection cap");
+		return;
+	}
+	c->local_port = allocate_local_port();
+	c->state = C_REQUEST;
+	conn_update(c);
+	request_guest(c);
 }
 
 /* Guest-initiated: the guest-unix transport's "CONNECT <P>\n", read a byte
@@ -825,14 +827,8 @@ static void guest_line(conn *c)
 		goto fail;
 	}
 	c->hfd = fd;
-	if (conn_buffers(c) < 0) {
-		conn_kill(c, "out of memory");
+	if (!answer_ok(c, c->gfd, "OK\n", 3))
 		return;
-	}
-	if (send(c->gfd, "OK\n", 3, MSG_NOSIGNAL | MSG_DONTWAIT) != 3) {
-		conn_kill(c, "OK not written whole");
-		return;
-	}
 	mux.guest_ok++;
 	vlog("conn %" PRIu64 ": guest -> %s: OK", c->id, sa.sun_path);
 	open_established(c);
@@ -925,12 +921,7 @@ static bool flush_to_guest(conn *c)
 static void host_event(conn *c, uint32_t ev)
 {
 	if (c->state == C_HOST_LINE) {
-		if (mux.mode == MODE_VHOST)
-			host_line_vhost(c);
-		else if (mux.mode == MODE_CLOUD_HV)
-			host_line_ch(c);
-		else
-			host_line_fc(c);
+		host_line(c);
 		return;
 	}
 	if (ev & EPOLLERR) {

@@ -22,11 +22,11 @@ import re
 import pytest
 
 from devlxd_util import (C1_CONFIG, C1_DEVICES, C2_CONFIG, C1_INSTANCE_ID, C2_INSTANCE_ID,
-                         STREAM_HEAD, assert_bytes, load_capture, make_image, mask_dates,
-                         mask_timestamps, set_image_public, show)
-from test_devlxd_conformance import (CAPTURED_FP, GENERIC, HostActions, _keepalive_variants,
-                                     check_ws_session, compare, event_lines, exchange,
-                                     fetch_image, host_lines, image_head, restore_config)
+                         assert_bytes, load_capture, make_image, mask_dates, set_image_public,
+                         show)
+import test_devlxd_conformance as conformance
+from test_devlxd_conformance import (CAPTURED_FP, GENERIC, _keepalive_variants, compare,
+                                     exchange, fetch_image, image_head)
 from vm_util import ModuleVMEnv
 
 CONTAINER_ONLY = {
@@ -153,61 +153,24 @@ def test_10_patch_ready(cap):
     compare(res.data, vmize(after["response"]), "GET /1.0 after a restart")
 
 
+# The stream and WebSocket cases need nothing of a container: the
+# container suite's own tests run on this module's `cap`.
+
 def test_11_plain_stream(cap):
-    try:
-        for ex in load_capture("11"):
-            want_head, want_lines = event_lines(ex["response"])
-            assert want_head == STREAM_HEAD
-            conn = cap.a1.connect()
-            conn.send(ex["request"])
-            conn.read_until(lambda b: b"\n\n" in b, what="the stream head")
-            head, _, conn.buf = conn.buf.partition(b"\n\n")
-            assert_bytes(head + b"\n\n", want_head, ex["title"] or "plain stream head")
-            acts = HostActions(cap)
-            for h in host_lines(ex):
-                acts.apply(h)
-            conn.read_until(lambda b: b.count(b"\n") >= len(want_lines), what="the events")
-            got = [x + b"\n" for x in conn.buf.split(b"\n") if x]
-            assert [mask_timestamps(x) for x in got] == \
-                [mask_timestamps(x, check=False) for x in want_lines], got
-            conn.recv(timeout=0.3)
-            assert conn.buf.count(b"\n") == len(want_lines), f"extra events: {conn.buf!r}"
-            assert not conn.eof
-            conn.close()
-    finally:
-        restore_config(cap)
+    conformance.test_11_plain_stream(cap)
 
 
 def test_12_websocket_events(cap):
-    (ex,) = load_capture("12")
-    try:
-        check_ws_session(cap, cap.a1, ex, HostActions(cap), wait_ping=True)
-    finally:
-        restore_config(cap)
-        if os.path.exists(cap.gl.p("c1", "devices", "zero")):
-            cap.undevice("c1", "zero")
-        for k in ("user.new", "user.a", "user.b", "cloud-init.vendor-data", "limits.memory"):
-            if os.path.exists(cap.gl.p("c1", "config", k)):
-                cap.unset("c1", k)
+    conformance.test_12_websocket_events(cap)
 
 
 @pytest.mark.parametrize("which", ["type=device", "type=config", "type=bogus"])
 def test_13_websocket_filters(cap, which):
-    (ex,) = [e for e in load_capture("13") if which in e["title"]]
-    try:
-        check_ws_session(cap, cap.a1, ex, HostActions(cap))
-    finally:
-        restore_config(cap)
-        if os.path.exists(cap.gl.p("c1", "devices", "zero")):
-            cap.undevice("c1", "zero")
+    conformance.test_13_websocket_filters(cap, which)
 
 
 def test_25_websocket_isolation(cap):
-    (ex,) = [e for e in load_capture("25") if e["kind"] == "ws"]
-    try:
-        check_ws_session(cap, cap.a1, ex, HostActions(cap))
-    finally:
-        restore_config(cap)
+    conformance.test_25_websocket_isolation(cap)
 
 
 def test_24_image_export(cap):

@@ -33,7 +33,7 @@ import pytest
 
 import glutil
 from glutil import GUESTLINKD, write_bytes
-from devlxd_util import reap_orphans
+from devlxd_util import Container, DevlxdEnv
 
 BUILD = os.path.dirname(GUESTLINKD)
 AGENT = os.path.abspath(os.environ.get("GL_AGENT") or os.path.join(BUILD, "guestlink-agent"))
@@ -332,12 +332,13 @@ exec sleep infinity >/dev/null 2>&1
 '''
 
 
-class GuestNS:
+class GuestNS(Container):
     """The VM's inside: `unshare --pid --fork --mount --net --mount-proc`
-    whose init sleeps; `pid` is that init's host pid. Has the `nsenter`
-    method devlxd_util.Agent expects of a container."""
+    whose init sleeps; `pid` is that init's host pid. A Container but for
+    the network namespace and the /dev it sets up: its popen, agent (a
+    devlxd_util.Agent in the guest), alive and stop are the Container's."""
 
-    def __init__(self, name):
+    def __init__(self, name):  # not Container's: another namespace script
         self.name = name
         self.stage = tempfile.mkdtemp(prefix=f"gl-vmns-{name}-", dir="/tmp")
         self.proc = subprocess.Popen(
@@ -366,56 +367,15 @@ class GuestNS:
                                  f"stdout: {p.stdout[-4000:]!r}\nstderr: {p.stderr[-4000:]!r}")
         return p
 
-    def popen(self, argv, **kw):
-        kw.setdefault("start_new_session", True)
-        kw.setdefault("stdin", subprocess.DEVNULL)
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.nsenter(argv), **kw)
-
     def path(self, p):
         """A path of the guest's mount namespace, seen from the host."""
         return f"/proc/{self.pid}/root{p}"
-
-    def agent(self, uid=None):
-        """A devlxd_util.Agent (JSON-driven socket client) in the guest."""
-        from devlxd_util import Agent
-        a = Agent(self, uid=uid)
-        self.agents.append(a)
-        return a
 
     def curl(self, url, *args, timeout=15):
         """curl on the guest's /dev/lxd/sock: (exit status, stdout bytes)."""
         p = self.run(["curl", "-sS", "--max-time", str(timeout), "--unix-socket", SOCK_IN_GUEST]
                      + list(args) + [url], check=False, timeout=timeout + 5)
         return p.returncode, p.stdout
-
-    @property
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self):
-        for a in self.agents:
-            a.close()
-        self.agents = []
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, AttributeError):
-                self.proc.kill()
-            deadline = time.monotonic() + 10
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                reap_orphans(keep=(self.proc.pid,))
-                time.sleep(0.01)
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        for f in (self.proc.stdout, self.proc.stderr):
-            f.close()
-        try:
-            os.rmdir(self.stage)
-        except OSError:
-            pass
 
 
 class VM:
@@ -590,25 +550,14 @@ class VMEnv:
     def host_pub(self):
         return os.path.join(self.gl.state, "host.pub")
 
-    def set(self, name, key, value):
-        if isinstance(value, str):
-            value = value.encode()
-        write_bytes(self.gl.p(name, "config", key), value + b"\n")
-
-    def unset(self, name, key):
-        os.unlink(self.gl.p(name, "config", key))
-
-    def device(self, name, dev, obj):
-        write_bytes(self.gl.p(name, "devices", dev), json.dumps(obj) + "\n")
-
-    def undevice(self, name, dev):
-        os.unlink(self.gl.p(name, "devices", dev))
-
-    def attr(self, name, attr):
-        return glutil.read_bytes(self.gl.p(name, attr))
-
-    def wait_attr(self, name, attr, value, timeout=5.0):
-        wait_for(lambda: self.attr(name, attr) == value, timeout, f"{name}/{attr} == {value!r}")
+    # the model through the FUSE tree, as DevlxdEnv writes and reads it
+    # (those methods use nothing but self.gl)
+    set = DevlxdEnv.set
+    unset = DevlxdEnv.unset
+    device = DevlxdEnv.device
+    undevice = DevlxdEnv.undevice
+    attr = DevlxdEnv.attr
+    wait_attr = DevlxdEnv.wait_attr
 
     def set_state(self, name, state):
         write_bytes(self.gl.p(name, "state"), state + "\n")

@@ -260,6 +260,23 @@ static uint64_t dial_wait(const gl_vsock_addr *a, const gl_vsock_dial_opts *o, r
 	return r->at - t0;
 }
 
+/* A fake VMM at tmp/vm.sock (a previous one's file removed) that closes
+ * the first `eofs` connections, then writes `reply` (NULL: silence); dial
+ * its `port` with `o`. Returns the elapsed ms; fake_stop(f) is the
+ * caller's. */
+static uint64_t dial_fake(fake *f, int eofs, const char *reply, uint32_t port,
+			  gl_vsock_dial_opts o, result *r)
+{
+	char uds[128];
+	gl_vsock_addr a;
+
+	path_in_tmp(uds, sizeof(uds), "vm.sock");
+	unlink(uds);
+	fake_start(f, uds, eofs, reply);
+	a = hybrid(uds, port);
+	return dial_wait(&a, &o, r);
+}
+
 /* ---- pure functions ---------------------------------------------------------------- */
 
 static int pc(const char *s, uint32_t *port)
@@ -442,17 +459,12 @@ END_TEST
 
 START_TEST(hybrid_eof_then_ok)
 {
-	char uds[128];
 	fake f;
 	result r;
-	gl_vsock_addr a;
-	gl_vsock_dial_opts o = opts(2000, 5000);
 	uint64_t ms;
 
-	path_in_tmp(uds, sizeof(uds), "vm.sock");
-	fake_start(&f, uds, 2, "OK 1073741825\n"); /* two EOFs: nobody listens yet */
-	a = hybrid(uds, 52);
-	ms = dial_wait(&a, &o, &r);
+	/* two EOFs: nobody listens yet */
+	ms = dial_fake(&f, 2, "OK 1073741825\n", 52, opts(2000, 5000), &r);
 	ck_assert_int_eq(r.status, 0);
 	ck_assert_int_eq(fake_accepts(&f), 3);
 	ck_assert_int_eq(memcmp(f.got, "CONNECT 52\n", 11), 0);
@@ -467,17 +479,11 @@ END_TEST
 
 START_TEST(hybrid_eof_until_deadline)
 {
-	char uds[128];
 	fake f;
 	result r;
-	gl_vsock_addr a;
-	gl_vsock_dial_opts o = opts(2000, 300);
 	uint64_t ms;
 
-	path_in_tmp(uds, sizeof(uds), "vm.sock");
-	fake_start(&f, uds, 1000, NULL);
-	a = hybrid(uds, 7361);
-	ms = dial_wait(&a, &o, &r);
+	ms = dial_fake(&f, 1000, NULL, 7361, opts(2000, 300), &r);
 	ck_assert_int_eq(r.status, -ECONNRESET);
 	ck_assert_int_eq(r.fd, -1);
 	ck_assert_uint_ge(ms, 290);
@@ -492,17 +498,11 @@ END_TEST
 
 START_TEST(hybrid_silent_attempt_timeout)
 {
-	char uds[128];
 	fake f;
 	result r;
-	gl_vsock_addr a;
-	gl_vsock_dial_opts o = opts(200, 0); /* one attempt */
 	uint64_t ms;
 
-	path_in_tmp(uds, sizeof(uds), "vm.sock");
-	fake_start(&f, uds, 0, NULL);
-	a = hybrid(uds, 7361);
-	ms = dial_wait(&a, &o, &r);
+	ms = dial_fake(&f, 0, NULL, 7361, opts(200, 0) /* one attempt */, &r);
 	ck_assert_int_eq(r.status, -ETIMEDOUT);
 	ck_assert_int_eq(r.fd, -1);
 	ck_assert_uint_ge(ms, 195);
@@ -514,17 +514,11 @@ END_TEST
 
 START_TEST(hybrid_silent_retried_to_deadline)
 {
-	char uds[128];
 	fake f;
 	result r;
-	gl_vsock_addr a;
-	gl_vsock_dial_opts o = opts(150, 500);
 	uint64_t ms;
 
-	path_in_tmp(uds, sizeof(uds), "vm.sock");
-	fake_start(&f, uds, 0, NULL);
-	a = hybrid(uds, 7361);
-	ms = dial_wait(&a, &o, &r);
+	ms = dial_fake(&f, 0, NULL, 7361, opts(150, 500), &r);
 	ck_assert_int_eq(r.status, -ETIMEDOUT);
 	ck_assert_uint_ge(ms, 490);
 	ck_assert_uint_lt(ms, 1200);
@@ -608,18 +602,11 @@ END_TEST
 
 static void bad_reply(const char *reply)
 {
-	char uds[128];
 	fake f;
 	result r;
-	gl_vsock_addr a;
-	gl_vsock_dial_opts o = opts(2000, 5000);
 	uint64_t ms;
 
-	path_in_tmp(uds, sizeof(uds), "vm.sock");
-	unlink(uds);
-	fake_start(&f, uds, 0, reply);
-	a = hybrid(uds, 7361);
-	ms = dial_wait(&a, &o, &r);
+	ms = dial_fake(&f, 0, reply, 7361, opts(2000, 5000), &r);
 	ck_assert_msg(r.status == -EPROTO, "reply \"%s\": status %d", reply, r.status);
 	ck_assert_int_eq(r.fd, -1);
 	ck_assert_uint_lt(ms, 1000); /* not retried */
@@ -647,21 +634,16 @@ END_TEST
 
 START_TEST(hybrid_reply_at_cap)
 {
-	char uds[128], line[70];
+	char line[70];
 	fake f;
 	result r;
-	gl_vsock_addr a;
-	gl_vsock_dial_opts o = opts(2000, 5000);
 
 	/* 63 bytes + "\n" = 64: the longest reply taken */
 	memset(line, '1', sizeof(line));
 	memcpy(line, "OK ", 3);
 	line[63] = '\n';
 	memcpy(line + 64, "tail", 5);
-	path_in_tmp(uds, sizeof(uds), "vm.sock");
-	fake_start(&f, uds, 0, line);
-	a = hybrid(uds, 7361);
-	dial_wait(&a, &o, &r);
+	dial_fake(&f, 0, line, 7361, opts(2000, 5000), &r);
 	ck_assert_int_eq(r.status, 0);
 	expect_bytes(r.fd, "tail");
 	close(r.fd);
