@@ -750,8 +750,10 @@ def main():
         f"| duplicate or out-of-order events | {sub.dups + sub.reorders + host_ev['bad']} |",
         f"| acknowledged keys checked on FUSE, store and devlxd | {checked:,} |",
         f"| acknowledged writes lost | {lost} |",
-        f"| daemon peak RSS / fds per life | "
-        + ", ".join(f"{r // 1024} MiB / {f}" for r, f in rows) + " |",
+        f"| daemon peak RSS / open fds, first and last of {len(rows)} lives | "
+        + (f"{rows[0][0] // 1024} MiB / {rows[0][1]}, {rows[-1][0] // 1024} MiB / {rows[-1][1]} "
+           f"(highest {max(r for r, _ in rows) // 1024} MiB / {max(f for _, f in rows)})"
+           if rows else "not sampled") + " |",
         f"| daemon deaths not caused by the soak | "
         f"{sum(1 for p in PROBLEMS if 'died by itself' in p)} |",
         "",
