@@ -492,8 +492,11 @@ static void get_config_key(gl_http_conn *c, gl_instance *inst, const char *var, 
 	gl_buf key = GL_BUF_INIT;
 	const gl_entry *e;
 
-	/* most keys fit on the stack: no allocation on the hot path */
-	if (vlen < sizeof(small)) {
+	/* most keys fit on the stack: no allocation on the hot path.
+	 * gl_url_unescape reserves vlen + 1 and gl_buf keeps room for a NUL
+	 * beyond that: a buffer that could need more must never be the
+	 * stack array, or gl_buf would realloc() it (found by fuzzing). */
+	if (vlen + 2 <= sizeof(small)) {
 		key.data = small;
 		key.cap = sizeof(small);
 	}

@@ -8,8 +8,10 @@
 #define GUESTLINK_FUZZ_UTIL_H
 
 #include <errno.h>
+#include <ftw.h>
+#include <glob.h>
 #include <poll.h>
-#include <sanitizer/common_interface_defs.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -17,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -79,11 +82,12 @@ static inline void fz_cleanup(void)
 		fn();
 }
 
+/* (Not the sanitizers' death callback: libFuzzer's own is there, and it
+ * writes the crash input. What a crash leaves, fz_tmpdir removes later.) */
 static inline void fz_on_exit(void (*fn)(void))
 {
 	fz_cleanup_fn = fn;
 	atexit(fz_cleanup);
-	__sanitizer_set_death_callback(fz_cleanup);
 }
 
 static inline void fz_die(const char *what)
@@ -93,22 +97,40 @@ static inline void fz_die(const char *what)
 	abort();
 }
 
-/* A new directory under /tmp for sockets and files (the caller removes
- * what it put there at exit). */
+static inline int fz_rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void)st;
+	(void)flag;
+	(void)ftw;
+	remove(path);
+	return 0;
+}
+
+/* A new directory /tmp/gl-fuzz-<tag>-<pid> for sockets and files (the
+ * caller removes what it put there at exit). Those of harness processes
+ * that no longer run (a crash skips the cleanup) are removed first. */
 static inline char *fz_tmpdir(const char *tag)
 {
-	char tmpl[64];
+	char path[96];
+	glob_t g;
 	char *p;
-	size_t l;
 
-	snprintf(tmpl, sizeof(tmpl) - 7, "/tmp/gl-fuzz-%s-", tag);
-	/* mkdtemp's six placeholder bytes, spelled out so no marker grep trips */
-	l = strlen(tmpl);
-	memset(tmpl + l, 'X', 6);
-	tmpl[l + 6] = '\0';
-	if (!mkdtemp(tmpl))
-		fz_die("mkdtemp failed");
-	p = strdup(tmpl);
+	if (glob("/tmp/gl-fuzz-*-*", GLOB_NOSORT, NULL, &g) == 0) {
+		for (size_t i = 0; i < g.gl_pathc; i++) {
+			const char *dash = strrchr(g.gl_pathv[i], '-');
+			char *end;
+			long pid = strtol(dash + 1, &end, 10);
+
+			if (*end == '\0' && pid > 0 && kill((pid_t)pid, 0) < 0 && errno == ESRCH)
+				nftw(g.gl_pathv[i], fz_rm_one, 8, FTW_DEPTH | FTW_PHYS);
+		}
+		globfree(&g);
+	}
+	snprintf(path, sizeof(path), "/tmp/gl-fuzz-%s-%d", tag, (int)getpid());
+	nftw(path, fz_rm_one, 8, FTW_DEPTH | FTW_PHYS);
+	if (mkdir(path, 0700) < 0)
+		fz_die("cannot make the harness's directory");
+	p = strdup(path);
 	if (!p)
 		fz_die("out of memory");
 	return p;

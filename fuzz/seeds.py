@@ -103,6 +103,11 @@ def main():
         "redirect": b"GET /1.0/./config/../config//user.foo?x=%41 HTTP/1.1\r\n" + host + b"\r\n",
         "absolute": b"GET http://lxd/1.0/config/user%2Efoo HTTP/1.1\r\n" + host + b"\r\n",
         "options-star": b"OPTIONS * HTTP/1.1\r\n" + host + b"\r\n",
+        # route variables around the sizes the code keeps on the stack
+        "long-key": b"GET /1.0/config/user." + b"k" * 495 + b" HTTP/1.1\r\n" + host + b"\r\n",
+        "long-key-escaped": b"GET /1.0/config/user.%6B" + b"k" * 600 + b" HTTP/1.1\r\n" +
+                            host + b"\r\n",
+        "long-fp": b"GET /1.0/images/" + b"0" * 70 + b"/export HTTP/1.1\r\n" + host + b"\r\n",
     }
     for name, r in extra.items():
         write("devlxd", name, b"\0\0\0" + r)

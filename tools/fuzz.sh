@@ -5,7 +5,9 @@
 # Build every libFuzzer harness (fuzz/fuzz_*.c) into build-fuzz/ and run each
 # for FUZZ_SECONDS (default 60) on a fresh copy of its seed corpus
 # (fuzz/corpus/<harness>/). Fails on any crash, leak, timeout, out-of-memory
-# or sanitizer report, and prints one line per harness.
+# or sanitizer report, or when an input kept in fuzz/crashes/<harness>/ still
+# fails (a finding stays a failure until fixed), and prints one line per
+# harness and a summary line.
 #
 #   FUZZ_SECONDS=N     seconds per harness
 #   FUZZ_ONLY="a b"    run only these harnesses
@@ -152,6 +154,23 @@ for h in $harnesses; do
 		continue
 		;;
 	esac
+	# every reproducer kept in fuzz/crashes/<h>/ first: a finding stays a
+	# failure until it is fixed, however the fuzzing goes this time
+	known=""
+	for f in fuzz/crashes/"$h"/*; do
+		case $f in
+		*/README*|*"/*") continue ;;
+		esac
+		if ! "$OUT/fuzz_$h" -timeout=10 -rss_limit_mb=2048 "$f" >"$OUT/logs/known-$h.log" 2>&1; then
+			known="$known $f"
+		fi
+	done
+	if [ -n "$known" ]; then
+		printf '%-10s %12s %10s %8s  %s\n' "$h" - - - "FAIL: reproduces$known" >>"$table"
+		status=1
+		nfail=$((nfail + 1))
+		continue
+	fi
 	if [ -z "${FUZZ_KEEP:-}" ]; then
 		rm -rf "$corpus"
 	fi

@@ -681,6 +681,18 @@ def test_chunked_trailers_and_bodies_cut_by_eof(devlxd):
     assert devlxd.attr("c1", "state") == b"Ready\n"
 
 
+def test_long_config_keys(devlxd):
+    """Found by the fuzzer (fuzz/crashes/devlxd/bad-free-config-key-511):
+    a key of 511 bytes made the key buffer outgrow its stack array, and
+    realloc() of stack memory killed the daemon."""
+    devlxd.mkinstance("c1", C1_CONFIG, C1_DEVICES)
+    a = devlxd.container("c1").agent()
+    for n in (508, 509, 510, 511, 512, 513, 1000, 4000):
+        st, _, body = a.get("/1.0/config/user." + "k" * (n - 5))
+        assert (st, body) == (404, b"not found\n"), (n, st, body)
+    assert body_of(a, "/1.0/config/user.foo") == b"bar"
+
+
 def test_oversize_headers(devlxd):
     """Go's header limit (1 MiB + 4 KiB): under it served, over it 431."""
     devlxd.mkinstance("c1", C1_CONFIG, C1_DEVICES)
