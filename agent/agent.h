@@ -47,6 +47,10 @@ typedef struct gl_agent {
 	unsigned nconns;
 	int verbose;
 	uint64_t start_ms;       /* uv_now at start, for uptime_ms */
+	/* from the latest verified AUTH: written in front of every devlxd
+	 * connection to the host (docs/control-protocol.md) */
+	uint8_t devlxd_token[32];
+	bool has_devlxd_token;
 	bool stopping;
 	gl_vsock_listener *listener;
 	agent_conn *conns;       /* every live control connection */

@@ -219,9 +219,9 @@ void agent_req_hold_input(agent_req *r, bool hold)
 static void conn_auth(agent_conn *c, const gl_frame *f)
 {
 	gl_agent *a = c->agent;
-	uint8_t sig[GL_AUTH_SIG];
+	uint8_t sig[GL_AUTH_SIG], tok[sizeof(a->devlxd_token)];
 	json_t *j, *s, *ok;
-	const char *hex;
+	const char *hex, *thex;
 	bool good = false;
 
 	j = gl_frame_json(f, NULL, 0);
@@ -230,6 +230,13 @@ static void conn_auth(agent_conn *c, const gl_frame *f)
 	if (f->type == GL_FRAME_AUTH && f->id == 0 && hex &&
 	    gl_auth_unhex(hex, strlen(hex), sig, sizeof(sig)) == 0)
 		good = gl_auth_verify(a->pk, c->nonce, a->instance, sig);
+	/* Only the signer can have sent this frame on this connection, so
+	 * the token it carries is the host's (the latest one wins). */
+	thex = good ? json_string_value(json_object_get(j, "devlxd_token")) : NULL;
+	if (thex && gl_auth_unhex(thex, strlen(thex), tok, sizeof(tok)) == 0) {
+		memcpy(a->devlxd_token, tok, sizeof(tok));
+		a->has_devlxd_token = true;
+	}
 	json_decref(j);
 	if (!good) {
 		agent_log(a, 1, "control connection: %s", f->type == GL_FRAME_AUTH ?

@@ -1,20 +1,26 @@
 /* The guest's /dev/lxd/sock: every local connection becomes one vsock
- * connection to the host's devlxd port, relayed byte for byte both ways.
- * Also the announce: one devlxd request at start, so that guestlinkd
- * learns at once that the agent is up. */
+ * connection to the host's devlxd port, which starts with the preamble
+ * "GLDEVLXD1 <token> <uid>\n" (the token from the host's latest AUTH,
+ * the client's SO_PEERCRED uid) and is then relayed byte for byte both
+ * ways. Also the announce: one connection at start whose preamble has no
+ * token ("-"), so that guestlinkd learns at once that the agent is up. */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "agent/agent.h"
 
-#define ANNOUNCE_REQ "GET /1.0 HTTP/1.1\r\nHost: lxd\r\nConnection: close\r\n\r\n"
+#define PREAMBLE_MAGIC "GLDEVLXD1"
+#define ANNOUNCE_REQ PREAMBLE_MAGIC " - 0\n"
 #define ANNOUNCE_BACKOFF_MS 25u
 #define ANNOUNCE_BACKOFF_MAX_MS 1000u
 #define ANNOUNCE_EXCHANGE_MS 5000u
 #define RELAY_BUF (64u << 10)
+#define PREAMBLE_MAX 128u
 
 typedef struct relay relay;
 
@@ -31,6 +37,7 @@ struct relay {
 	agent_proxy *p;
 	relay_side s[2]; /* 0: the local client, 1: the host */
 	gl_vsock_dial *dial;
+	uid_t uid; /* the local client's */
 	bool ending;
 	unsigned handles;
 	relay *next, *prev;
@@ -241,6 +248,38 @@ static void relay_end(relay *r)
 	}
 }
 
+/* The first bytes toward the host, queued before anything relayed. */
+static int send_preamble(relay *r)
+{
+	gl_agent *a = r->p->a;
+	relay_side *to = &r->s[1];
+	char tok[2 * sizeof(a->devlxd_token) + 1] = "-";
+	relay_write *rw;
+	uv_buf_t b;
+	int n;
+
+	rw = malloc(sizeof(*rw));
+	if (!rw)
+		return -ENOMEM;
+	rw->base = malloc(PREAMBLE_MAX);
+	if (!rw->base) {
+		free(rw);
+		return -ENOMEM;
+	}
+	if (a->has_devlxd_token)
+		gl_auth_hex(a->devlxd_token, sizeof(a->devlxd_token), tok);
+	n = snprintf(rw->base, PREAMBLE_MAX, PREAMBLE_MAGIC " %s %u\n", tok, (unsigned)r->uid);
+	rw->to = to;
+	b = uv_buf_init(rw->base, (unsigned)n);
+	if (uv_write(&rw->w, (uv_stream_t *)&to->h, &b, 1, relay_write_cb) < 0) {
+		free(rw->base);
+		free(rw);
+		return -EIO;
+	}
+	to->writes++;
+	return 0;
+}
+
 static void relay_dialed(void *arg, int status, int fd)
 {
 	relay *r = arg;
@@ -267,8 +306,30 @@ static void relay_dialed(void *arg, int status, int fd)
 		relay_end(r);
 		return;
 	}
+	if (send_preamble(r) < 0) {
+		relay_end(r);
+		return;
+	}
 	side_read(&r->s[0], true);
 	side_read(&r->s[1], true);
+}
+
+/* Who is on the other end: the uid the host is told (root or not). */
+static int peer_uid(uv_pipe_t *h, uid_t *uid)
+{
+	struct ucred cr;
+	socklen_t len = sizeof(cr);
+	uv_os_fd_t fd;
+
+	if (uv_fileno((uv_handle_t *)h, &fd) < 0)
+		return -EBADF;
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0)
+		return -errno;
+	/* (uid_t)-1 cannot be vouched for: the host takes 0..4294967294 */
+	if (cr.uid == (uid_t)-1)
+		return -EPERM;
+	*uid = cr.uid;
+	return 0;
 }
 
 static void on_local_conn(uv_stream_t *server, int status)
@@ -297,7 +358,7 @@ static void on_local_conn(uv_stream_t *server, int status)
 	if (p->relays)
 		p->relays->prev = r;
 	p->relays = r;
-	if (uv_accept(server, (uv_stream_t *)&r->s[0].h) < 0) {
+	if (uv_accept(server, (uv_stream_t *)&r->s[0].h) < 0 || peer_uid(&r->s[0].h, &r->uid) < 0) {
 		relay_end(r);
 		return;
 	}
@@ -447,9 +508,11 @@ static void announce_read_cb(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
 {
 	agent_proxy *p = s->data;
 
-	if (n > 0)
-		p->ah_got = true;
-	else if (n < 0)
+	/* The host ends the exchange once it has read the line (it closes a
+	 * preamble without a token; with --vm-devlxd-auth none it answers
+	 * 400): the announce reached it. No half-close from us: Firecracker
+	 * turns it into a full close. */
+	if (n < 0)
 		announce_close(p, p->ah_got);
 }
 
@@ -457,8 +520,11 @@ static void announce_write_cb(uv_write_t *w, int status)
 {
 	agent_proxy *p = w->data;
 
-	if (status < 0)
+	if (status < 0) {
 		announce_close(p, false);
+		return;
+	}
+	p->ah_got = true;
 }
 
 static void announce_dialed(void *arg, int status, int fd)

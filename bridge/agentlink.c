@@ -35,6 +35,8 @@ struct gl_agentlink {
 	uint64_t auth_sent_ns;
 	char instance[GL_AUTH_INSTANCE_MAX + 1];
 	uint8_t sk[GL_AUTH_SK];
+	uint8_t token[GL_AGENTLINK_TOKEN];
+	bool has_token;
 	gl_agent_hello hello;
 };
 
@@ -43,6 +45,7 @@ static const gl_fconn_cbs link_cbs;
 static void link_free(gl_agentlink *l)
 {
 	sodium_memzero(l->sk, sizeof(l->sk));
+	sodium_memzero(l->token, sizeof(l->token));
 	free(l);
 }
 
@@ -72,7 +75,7 @@ static const char *json_str(json_t *j, const char *key)
 static void on_hello(gl_agentlink *l, const gl_frame *f)
 {
 	uint8_t nonce[GL_AUTH_NONCE], sig[GL_AUTH_SIG];
-	char sighex[2 * GL_AUTH_SIG + 1];
+	char sighex[2 * GL_AUTH_SIG + 1], tokhex[2 * GL_AGENTLINK_TOKEN + 1];
 	const char *nonce_hex, *inst, *ver;
 	json_t *j, *auth;
 	uint64_t now;
@@ -107,6 +110,14 @@ static void on_hello(gl_agentlink *l, const gl_frame *f)
 	json_decref(j);
 	gl_auth_hex(sig, sizeof(sig), sighex);
 	auth = json_pack("{s:s, s:s}", "version", GUESTLINK_VERSION, "sig", sighex);
+	if (auth && l->has_token) {
+		gl_auth_hex(l->token, sizeof(l->token), tokhex);
+		if (json_object_set_new(auth, "devlxd_token", json_string(tokhex)) < 0) {
+			json_decref(auth);
+			auth = NULL;
+		}
+		sodium_memzero(tokhex, sizeof(tokhex));
+	}
 	if (!auth) {
 		fail(l, -ENOMEM);
 		return;
@@ -233,6 +244,10 @@ static int link_new(uv_loop_t *loop, const gl_agentlink_opts *o, gl_agentlink_cb
 	l->handshake_ms = o->handshake_ms ? o->handshake_ms : DEFAULT_HANDSHAKE_MS;
 	memcpy(l->instance, inst, strlen(inst) + 1);
 	memcpy(l->sk, o->sk, GL_AUTH_SK);
+	if (o->devlxd_token) {
+		memcpy(l->token, o->devlxd_token, GL_AGENTLINK_TOKEN);
+		l->has_token = true;
+	}
 	*out = l;
 	return 0;
 }

@@ -3,7 +3,7 @@
  * (docs/control-protocol.md "Authentication"):
  *
  *   agent -> HELLO    id 0 {"version", "nonce": 64 hex, "instance": id or ""}
- *   host  -> AUTH     id 0 {"version", "sig": 128 hex}
+ *   host  -> AUTH     id 0 {"version", "sig": 128 hex[, "devlxd_token": 64 hex]}
  *   agent -> AUTH_OK  id 0 {"version", "uptime_ms"}
  *
  * The host refuses (-EPERM) an agent whose HELLO names an instance id other
@@ -27,7 +27,13 @@ typedef struct gl_agentlink_opts {
 	uint64_t handshake_ms; /* HELLO..AUTH_OK; default 5000 */
 	const char *instance_id; /* the VM's volatile.cloud-init.instance-id (copied) */
 	const uint8_t *sk;       /* GL_AUTH_SK bytes, borrowed until the callback */
+	const uint8_t *devlxd_token; /* GL_AGENTLINK_TOKEN bytes (copied), or NULL:
+	                                sent in AUTH as "devlxd_token" (64 hex) */
 } gl_agentlink_opts;
+
+/* The per-VM secret the agent writes in front of every devlxd connection
+ * it relays (docs/control-protocol.md "The devlxd preamble"). */
+#define GL_AGENTLINK_TOKEN 32
 
 typedef struct gl_agent_hello {
 	char version[64]; /* the agent's, from AUTH_OK (else HELLO) */

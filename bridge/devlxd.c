@@ -45,6 +45,7 @@ struct gl_devlxd {
 	bool stopping;
 	bool adopting; /* inside gl_devlxd_adopt: on_accept takes adopt_uid */
 	uint64_t adopt_uid;
+	uid_t adopt_guest_uid;
 };
 
 /* Per connection. */
@@ -60,8 +61,10 @@ struct dconn {
 	gl_ws *ws;
 	bool ws_closed, streaming, sub_counted;
 	dconn *sprev, *snext;
-	/* adopted from a VM transport: the instance is fixed, the caller root */
+	/* adopted from a VM transport: the instance is fixed, the caller's uid
+	 * inside the guest is what the agent vouched for */
 	bool adopted;
+	uid_t guest_uid;
 	dconn *aprev, *anext;
 };
 
@@ -257,7 +260,8 @@ static gl_instance *identify(dconn *dc)
 		gl_http_error(dc->c, 500, "pid not in container?");
 		return NULL;
 	}
-	if (!dc->adopted && dc->cred.uid != gl_peer_root_uid(d->peer, dc->uid)) {
+	if (dc->adopted ? dc->guest_uid != 0 :
+			  dc->cred.uid != gl_peer_root_uid(d->peer, dc->uid)) {
 		gl_http_error(dc->c, 401, "Access denied for non-root user");
 		return NULL;
 	}
@@ -1004,10 +1008,11 @@ static int on_accept(gl_http_conn *c, void *arg)
 	dc->cred.pidfd = -1;
 	gl_http_conn_set_data(c, dc);
 	if (d->adopting) {
-		/* identity = transport: no SO_PEERCRED over vsock, and whoever
-		 * speaks on a VM's transport is that VM's root */
+		/* identity = transport (no SO_PEERCRED over vsock); the uid
+		 * is the one the VM's agent vouched for */
 		dc->adopted = true;
 		dc->uid = d->adopt_uid;
+		dc->guest_uid = d->adopt_guest_uid;
 		dc->anext = d->adopted;
 		if (d->adopted)
 			d->adopted->aprev = dc;
@@ -1270,7 +1275,7 @@ fail:
 	return r;
 }
 
-int gl_devlxd_adopt(gl_devlxd *d, int fd, uint64_t uid)
+int gl_devlxd_adopt(gl_devlxd *d, int fd, uint64_t uid, uid_t guest_uid)
 {
 	int r;
 
@@ -1280,6 +1285,7 @@ int gl_devlxd_adopt(gl_devlxd *d, int fd, uint64_t uid)
 	}
 	d->adopting = true;
 	d->adopt_uid = uid;
+	d->adopt_guest_uid = guest_uid;
 	r = gl_http_server_adopt(d->srv, fd, NULL);
 	d->adopting = false;
 	return r;

@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <uv.h>
 
 #include "core/model.h"
@@ -35,10 +36,13 @@ int gl_devlxd_start(uv_loop_t *loop, gl_model *m, const gl_devlxd_opts *o, gl_de
 void gl_devlxd_stop(gl_devlxd *d);
 
 /* Serve a connection that arrived on a VM's transport (its vsock devlxd
- * port): the caller is instance `uid` (gl_instance_uid), as root; no
- * SO_PEERCRED. Takes ownership of fd in every case. 0, or -errno when the
- * connection was refused (limits) or could not be set up. */
-int gl_devlxd_adopt(gl_devlxd *d, int fd, uint64_t uid);
+ * port): the caller is instance `uid` (gl_instance_uid), running as
+ * `guest_uid` inside the guest (what the VM's agent vouched for; no
+ * SO_PEERCRED over vsock). A guest_uid other than 0 is answered 401
+ * "Access denied for non-root user", as a container's non-root caller.
+ * Takes ownership of fd in every case. 0, or -errno when the connection
+ * was refused (limits) or could not be set up. */
+int gl_devlxd_adopt(gl_devlxd *d, int fd, uint64_t uid, uid_t guest_uid);
 /* Close every adopted connection of instance `uid` (its transport was
  * unbound or the VM removed); event subscribers get WebSocket close 1001. */
 void gl_devlxd_drop_instance(gl_devlxd *d, uint64_t uid);

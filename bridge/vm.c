@@ -13,8 +13,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <sodium.h>
 
 #include "bridge/agentlink.h"
 #include "bridge/vsock.h"
@@ -24,7 +27,14 @@
 #define MON_ATTEMPT_MS 2000u
 #define INSTANCE_ID_KEY "volatile.cloud-init.instance-id"
 
+/* The devlxd preamble: "GLDEVLXD1 <64 hex | -> <uid>\n" */
+#define PRE_MAGIC "GLDEVLXD1 "
+#define PRE_MAX 128u
+#define PRE_DEADLINE_MS 5000u
+#define PRE_MAX_PER_VM 1024u
+
 typedef struct vmrec vmrec;
+typedef struct preamble preamble;
 
 enum lstate { L_QUEUED, L_DIALING, L_HELD, L_DETACHED };
 
@@ -53,8 +63,11 @@ struct vmrec {
 	gl_vm *vm;
 	vmrec *next;
 	uint64_t uid;
+	uint64_t serial; /* this record, not another with the same uid later */
 	char *name, *iid;
 	char uds[108];
+	uint8_t token[GL_AGENTLINK_TOKEN]; /* the agent's, for devlxd preambles */
+	unsigned pending; /* preambles being read */
 	uint32_t cid;
 	gl_vsock_listener *lst;
 	/* monitor */
@@ -83,8 +96,24 @@ struct gl_vm {
 	bool cid_failed_logged;
 	uv_timer_t defer;
 	gl_vm_link *dhead, *dtail;
+	preamble *pre;  /* connections whose preamble is being read */
+	uint64_t serials;
 	int open_handles;
 	bool stopping;
+};
+
+/* A connection on a devlxd transport, until its first line is read. The
+ * poll and the timer are closed before the fd goes anywhere. */
+struct preamble {
+	gl_vm *vm;
+	uint64_t serial; /* its record's */
+	int fd;
+	uv_poll_t poll;
+	uv_timer_t timer;
+	int handles;
+	size_t len;
+	char line[PRE_MAX + 1];
+	preamble *prev, *next;
 };
 
 /* ---- small helpers ------------------------------------------------------------ */
@@ -330,6 +359,7 @@ static void mon_dial(vmrec *r)
 	ao.dial.deadline_ms = 0; /* one attempt: the monitor does its own backoff */
 	ao.instance_id = r->iid;
 	ao.sk = r->vm->o.sk;
+	ao.devlxd_token = r->token;
 	dial_addr(r, r->vm->o.agent_port, &a);
 	e = gl_agentlink_start(r->vm->loop, &a, &ao, on_mon_link, r, &r->dial);
 	if (e < 0) {
@@ -505,6 +535,7 @@ static void link_start(vmrec *r, gl_vm_link *l)
 		ao.dial.attempt_ms = ao.dial.deadline_ms;
 	ao.instance_id = r->iid;
 	ao.sk = r->vm->o.sk;
+	ao.devlxd_token = r->token;
 	dial_addr(r, r->vm->o.agent_port, &a);
 	e = gl_agentlink_start(r->vm->loop, &a, &ao, on_relay_link, l, &l->dial);
 	if (e < 0) {
@@ -573,6 +604,206 @@ void gl_vm_link_release(gl_vm_link *l)
 
 /* ---- transports ------------------------------------------------------------------- */
 
+static vmrec *rec_by_serial(gl_vm *vm, uint64_t serial)
+{
+	for (vmrec *r = vm->recs; r; r = r->next)
+		if (r->serial == serial)
+			return r;
+	return NULL;
+}
+
+static void pre_handle_closed(uv_handle_t *h)
+{
+	preamble *p = h->data;
+	gl_vm *vm = p->vm;
+
+	if (--p->handles)
+		return;
+	free(p);
+	vm->open_handles--;
+	if (vm->stopping && !vm->open_handles)
+		free(vm);
+}
+
+/* Stop reading: out of the list, handles closing. The fd is the caller's. */
+static void pre_detach(preamble *p)
+{
+	gl_vm *vm = p->vm;
+	vmrec *r = rec_by_serial(vm, p->serial);
+
+	if (r && r->pending)
+		r->pending--;
+	if (p->prev)
+		p->prev->next = p->next;
+	else
+		vm->pre = p->next;
+	if (p->next)
+		p->next->prev = p->prev;
+	p->prev = p->next = NULL;
+	/* the poll first: libuv forgets the fd now, before anyone else has it */
+	uv_close((uv_handle_t *)&p->poll, pre_handle_closed);
+	uv_close((uv_handle_t *)&p->timer, pre_handle_closed);
+}
+
+static void pre_reject(preamble *p)
+{
+	int fd = p->fd;
+
+	pre_detach(p);
+	close(fd);
+}
+
+/* "<64 hex> <uid>" after the magic: 0 and *uid when the token is the
+ * record's, -EACCES otherwise ("-" included). */
+static int pre_check(const vmrec *r, const char *s, size_t n, uid_t *uid)
+{
+	uint8_t tok[GL_AGENTLINK_TOKEN];
+	const char *sp = memchr(s, ' ', n);
+	const char *u;
+	size_t ulen;
+	uint64_t v = 0;
+	int ok;
+
+	if (!sp || (size_t)(sp - s) != 2 * GL_AGENTLINK_TOKEN)
+		return -EACCES;
+	u = sp + 1;
+	ulen = n - (size_t)(u - s);
+	if (ulen < 1 || ulen > 10 || (u[0] == '0' && ulen > 1))
+		return -EACCES;
+	for (size_t k = 0; k < ulen; k++) {
+		if (u[k] < '0' || u[k] > '9')
+			return -EACCES;
+		v = v * 10 + (uint64_t)(u[k] - '0');
+	}
+	if (v > 4294967294ULL)
+		return -EACCES;
+	if (gl_auth_unhex(s, 2 * GL_AGENTLINK_TOKEN, tok, sizeof(tok)) < 0)
+		return -EACCES;
+	ok = sodium_memcmp(tok, r->token, sizeof(tok)) == 0;
+	sodium_memzero(tok, sizeof(tok));
+	if (!ok)
+		return -EACCES;
+	*uid = (uid_t)v;
+	return 0;
+}
+
+static void pre_line(preamble *p)
+{
+	gl_vm *vm = p->vm;
+	vmrec *r = rec_by_serial(vm, p->serial);
+	size_t m = sizeof(PRE_MAGIC) - 1;
+	uid_t guid = 0;
+	int fd = p->fd;
+
+	/* p->line holds the line without its "\n" */
+	if (!r || r->dead || p->len < m || memcmp(p->line, PRE_MAGIC, m) != 0 ||
+	    pre_check(r, p->line + m, p->len - m, &guid) < 0) {
+		pre_reject(p);
+		return;
+	}
+	pre_detach(p);
+	gl_devlxd_adopt(vm->d, fd, r->uid, guid);
+}
+
+static void on_pre_readable(uv_poll_t *h, int status, int events)
+{
+	preamble *p = h->data;
+	char buf[PRE_MAX];
+	size_t room = PRE_MAX - p->len;
+	ssize_t n;
+	char *nl;
+	size_t take;
+
+	if (status < 0) {
+		pre_reject(p);
+		return;
+	}
+	/* Look, then take exactly up to the newline: what follows it is the
+	 * HTTP stream, the devlxd server's to read. */
+	n = recv(p->fd, buf, room, MSG_PEEK | MSG_DONTWAIT);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		return;
+	if (n <= 0) {
+		pre_reject(p);
+		return;
+	}
+	nl = memchr(buf, '\n', (size_t)n);
+	take = nl ? (size_t)(nl - buf) + 1 : (size_t)n;
+	n = recv(p->fd, p->line + p->len, take, MSG_DONTWAIT);
+	if (n != (ssize_t)take) {
+		pre_reject(p);
+		return;
+	}
+	p->len += take;
+	if (nl) {
+		p->len--; /* the newline */
+		p->line[p->len] = '\0';
+		pre_line(p);
+		return;
+	}
+	if (p->len >= PRE_MAX)
+		pre_reject(p);
+}
+
+static void on_pre_timeout(uv_timer_t *t)
+{
+	pre_reject(t->data);
+}
+
+/* A connection on r's devlxd transport. */
+static void transport_accept(vmrec *r, int fd)
+{
+	gl_vm *vm = r->vm;
+	preamble *p;
+
+	mon_poke(r);
+	if (vm->o.devlxd_no_auth) {
+		gl_devlxd_adopt(vm->d, fd, r->uid, 0);
+		return;
+	}
+	if (r->pending >= PRE_MAX_PER_VM)
+		goto refuse;
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		goto refuse;
+	p->vm = vm;
+	p->serial = r->serial;
+	p->fd = fd;
+	if (uv_poll_init(vm->loop, &p->poll, fd) < 0) {
+		free(p);
+		goto refuse;
+	}
+	uv_timer_init(vm->loop, &p->timer);
+	p->poll.data = p->timer.data = p;
+	p->handles = 2;
+	vm->open_handles++;
+	p->next = vm->pre;
+	if (vm->pre)
+		vm->pre->prev = p;
+	vm->pre = p;
+	r->pending++;
+	if (uv_poll_start(&p->poll, UV_READABLE | UV_DISCONNECT, on_pre_readable) < 0) {
+		pre_reject(p);
+		return;
+	}
+	uv_timer_start(&p->timer, on_pre_timeout, PRE_DEADLINE_MS, 0);
+	return;
+refuse:
+	close(fd);
+}
+
+/* Close the preambles still being read on r's transports. */
+static void pre_drop(gl_vm *vm, uint64_t serial)
+{
+	preamble *p, *next;
+
+	for (p = vm->pre; p; p = next) {
+		next = p->next;
+		if (p->serial == serial)
+			pre_reject(p);
+	}
+}
+
 static void on_uds_accept(void *arg, int fd, uint32_t peer_cid)
 {
 	vmrec *r = arg;
@@ -581,8 +812,7 @@ static void on_uds_accept(void *arg, int fd, uint32_t peer_cid)
 		close(fd);
 		return;
 	}
-	gl_devlxd_adopt(r->vm->d, fd, r->uid);
-	mon_poke(r);
+	transport_accept(r, fd);
 }
 
 static void on_cid_accept(void *arg, int fd, uint32_t peer_cid)
@@ -597,8 +827,7 @@ static void on_cid_accept(void *arg, int fd, uint32_t peer_cid)
 		close(fd);
 		return;
 	}
-	gl_devlxd_adopt(vm->d, fd, r->uid);
-	mon_poke(r);
+	transport_accept(r, fd);
 }
 
 /* The AF_VSOCK listener runs while some VM is bound to a cid. */
@@ -640,6 +869,7 @@ static void rec_freed(uv_handle_t *h)
 
 	free(r->name);
 	free(r->iid);
+	sodium_memzero(r->token, sizeof(r->token));
 	free(r);
 	vm->open_handles--;
 	if (vm->stopping && !vm->open_handles)
@@ -664,6 +894,7 @@ static void rec_teardown(vmrec *r, int err, bool notify)
 	}
 	if (!vm->stopping)
 		gl_devlxd_drop_instance(vm->d, r->uid);
+	pre_drop(vm, r->serial);
 	if (r->dial) {
 		gl_agentlink_cancel(r->dial);
 		r->dial = NULL;
@@ -699,6 +930,8 @@ static void rec_create(gl_vm *vm, gl_instance *i, const char *uds, uint32_t cid)
 		goto oom;
 	r->vm = vm;
 	r->uid = gl_instance_uid(i);
+	r->serial = ++vm->serials;
+	randombytes_buf(r->token, sizeof(r->token));
 	r->name = strdup(gl_instance_name(i));
 	r->iid = instance_id_of(i);
 	if (!r->name || !r->iid) {
@@ -835,6 +1068,11 @@ int gl_vm_start(uv_loop_t *loop, gl_model *m, gl_devlxd *d, const gl_vm_opts *o,
 	if (!vm) {
 		snprintf(err, errlen, "out of memory");
 		return -ENOMEM;
+	}
+	if (gl_auth_init() < 0) {
+		snprintf(err, errlen, "libsodium: cannot initialise");
+		free(vm);
+		return -EIO;
 	}
 	vm->loop = loop;
 	vm->m = m;

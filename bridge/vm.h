@@ -5,9 +5,12 @@
  *   - guest -> host: connections to the host's devlxd port arrive on a
  *     hybrid listener "<uds>_<port>" (one per VM), or on the one AF_VSOCK
  *     listener (VMADDR_CID_ANY, opened when the first CID-bound VM
- *     appears), where the peer cid names the VM. Each is handed to the
- *     devlxd server as a connection of that VM (gl_devlxd_adopt) and pokes
- *     the VM's monitor to redial at once if it is offline.
+ *     appears), where the peer cid names the VM. Each pokes the VM's
+ *     monitor to redial at once if it is offline, must then present the
+ *     line "GLDEVLXD1 <token> <uid>\n" (the VM's random token, which only
+ *     its authenticated agent learns, in AUTH) within 5 s, and is then
+ *     handed to the devlxd server as a connection of that VM made by that
+ *     guest uid (gl_devlxd_adopt); anything else is closed without a byte.
  *   - host -> guest: a monitor keeps one authenticated link to the agent
  *     (bridge/agentlink.h), pings it, redials with backoff, and shows what
  *     it knows in the instance's `agent` file (gl_instance_set_agent_status;
@@ -47,6 +50,11 @@ typedef struct gl_vm_opts {
 	                               such VMs count as having no transport.
 	                               Default false: never on a machine that is
 	                               itself a VM without nested guests. */
+	bool devlxd_no_auth;        /* --vm-devlxd-auth none: no preamble on the devlxd
+	                               transports, every caller counts as the VM's
+	                               root. Default false: each connection must
+	                               start with the agent's preamble
+	                               (docs/control-protocol.md) */
 	uint8_t sk[GL_AUTH_SK];     /* the host's secret key (gl_auth_host_keys) */
 } gl_vm_opts;
 

@@ -82,6 +82,10 @@ static void usage(FILE *f)
 	        "  --af-vsock auto|on|off   serve VMs bound by vsock-cid over AF_VSOCK\n"
 	        "                           (listen, dial their agents); auto (default):\n"
 	        "                           on when /dev/vhost-vsock exists\n"
+	        "  --vm-devlxd-auth token|none  token (default): a connection on a VM's\n"
+	        "                           devlxd transport must start with its agent's\n"
+	        "                           preamble (token, guest uid; non-root gets 401);\n"
+	        "                           none: raw HTTP, every caller is the VM's root\n"
 	        "  --no-allow-other         only root may enter the mount\n"
 	        "  --debug                  trace every FUSE request on stderr\n"
 	        "  -v, --verbose            log debug messages\n"
@@ -347,6 +351,7 @@ int main(int argc, char **argv)
 		{"max-agent-conns", required_argument, NULL, 'a'},
 		{"vsock-port", required_argument, NULL, 'k'},
 		{"af-vsock", required_argument, NULL, 'A'},
+		{"vm-devlxd-auth", required_argument, NULL, 'D'},
 		{"debug", no_argument, NULL, 'd'},
 		{"verbose", no_argument, NULL, 'v'},
 		{"help", no_argument, NULL, 'h'},
@@ -439,6 +444,16 @@ int main(int argc, char **argv)
 				af_vsock = 0;
 			} else {
 				log_error("--af-vsock: auto, on or off, not %s", optarg);
+				return 2;
+			}
+			break;
+		case 'D':
+			if (!strcmp(optarg, "token")) {
+				vopts.devlxd_no_auth = false;
+			} else if (!strcmp(optarg, "none")) {
+				vopts.devlxd_no_auth = true;
+			} else {
+				log_error("--vm-devlxd-auth: token or none, not %s", optarg);
 				return 2;
 			}
 			break;

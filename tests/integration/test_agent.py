@@ -102,13 +102,16 @@ class Conn:
                 assert e.args[0] == 0, f"stream ended inside a frame ({e.args[0]} bytes)"
                 return got
 
-    def handshake(self, sk, instance=None, sign_instance=None):
+    def handshake(self, sk, instance=None, sign_instance=None, token=None):
         fid, ftype, flags, payload = self.frame()
         assert (fid, ftype, flags) == (0, HELLO, 0)
         self.hello = json.loads(payload)
         inst = self.hello["instance"] if sign_instance is None else sign_instance
         sig = sign(sk, self.hello["nonce"], inst)
-        self.send(0, AUTH, 0, {"version": "test", "sig": sig})
+        auth = {"version": "test", "sig": sig}
+        if token is not None:
+            auth["devlxd_token"] = token
+        self.send(0, AUTH, 0, auth)
         fid, ftype, flags, payload = self.frame()
         assert (fid, ftype, flags) == (0, AUTH_OK, 0), payload
         self.auth_ok = json.loads(payload)
@@ -986,14 +989,18 @@ def test_list_large_dir_several_frames(conn, agent):
 
 class FakeHost:
     """The emulator's guest side at DIR/host: reads "CONNECT <port>\\n",
-    answers "OK\\n", then answers one HTTP request per connection."""
+    answers "OK\\n", reads the agent's preamble line ("GLDEVLXD1 <token>
+    <uid>\\n", kept in `preambles`), then answers one HTTP request per
+    connection. As guestlinkd, it closes a connection whose preamble has no
+    token ("-": the announce, or a client before any AUTH) without a byte."""
 
     def __init__(self, path, body=b'{"ok":true}', silent=0):
         self.path = path
         self.body = body
         self.silent = silent  # this many first connections get no HTTP answer
         self.held = []
-        self.requests = []  # (port, request bytes)
+        self.requests = []  # (port, request bytes after the preamble)
+        self.preambles = []
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(path)
         self.srv.listen(64)
@@ -1019,6 +1026,20 @@ class FakeHost:
                 line += b
             port = int(line.split()[1])
             s.sendall(b"OK\n")
+            pre = b""
+            while not pre.endswith(b"\n"):
+                b = s.recv(1)
+                if not b:
+                    break
+                pre += b
+            self.preambles.append(pre)
+            if pre.split(b" ")[1:2] == [b"-"]:
+                self.requests.append((port, b""))
+                if self.silent > 0:
+                    self.silent -= 1
+                    self.held.append(s)
+                    s = None
+                return
             req = b""
             while b"\r\n\r\n" not in req:
                 b = s.recv(4096)
@@ -1040,6 +1061,14 @@ class FakeHost:
 
     def close(self):
         self.stop_flag = True
+        # wake the accept() first and wait for its thread: a closed fd
+        # number is soon reused (by the next test's FakeHost), and a thread
+        # still in accept() on it would serve that one's connections
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.t.join(5)
         self.srv.close()
         for s in self.held:
             s.close()
@@ -1067,13 +1096,32 @@ def test_devlxd_socket_created(agent):
     assert stat.S_IMODE(os.stat(os.path.dirname(agent.devlxd)).st_mode) == 0o755
 
 
+TOKEN = "3c" * 32
+
+
+def give_token(agent, token=TOKEN):
+    """An authenticated connection whose AUTH carries the devlxd token."""
+    c = agent.connect(auth=False)
+    c.handshake(agent.sk, token=token)
+    c.close()
+
+
 def test_devlxd_proxy_and_announce(agent):
     host = FakeHost(agent.host, body=b'{"value":"bar"}')
     try:
         # the announce arrives by itself once the host listens
         wait_for(lambda: host.requests, timeout=5, what="announce")
-        assert host.requests[0] == (7362, b"GET /1.0 HTTP/1.1\r\nHost: lxd\r\n"
-                                          b"Connection: close\r\n\r\n")
+        # no token yet (no AUTH seen): "-", and no request behind it
+        assert host.requests[0] == (7362, b"")
+        assert host.preambles[0] == b"GLDEVLXD1 - 0\n"
+        # a client before any AUTH: "-" too, and the host closes it
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(agent.devlxd)
+        s.sendall(b"GET /1.0 HTTP/1.1\r\nHost: lxd\r\n\r\n")
+        assert recv_all(s) == b""
+        s.close()
+        assert host.preambles[-1] == b"GLDEVLXD1 - %d\n" % os.getuid()
+        give_token(agent)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(agent.devlxd)
         s.sendall(b"GET /1.0/config/user.foo HTTP/1.1\r\nHost: lxd\r\n\r\n")
@@ -1083,7 +1131,72 @@ def test_devlxd_proxy_and_announce(agent):
                        b"Content-Length: 15\r\nConnection: close\r\n\r\n{\"value\":\"bar\"}")
         assert host.requests[-1] == (7362, b"GET /1.0/config/user.foo HTTP/1.1\r\n"
                                            b"Host: lxd\r\n\r\n")
-        assert len(host.requests) == 2, "announced more than once"
+        assert host.preambles[-1] == b"GLDEVLXD1 %s %d\n" % (TOKEN.encode(), os.getuid())
+        assert len(host.requests) == 3, "announced more than once"
+    finally:
+        host.close()
+
+
+AS_UID_GET = r"""
+import os, socket, sys
+# the socket's directory is opened before dropping root: the test's
+# tmp_path above it is root's alone
+d = os.open(os.path.dirname(sys.argv[1]), os.O_PATH)
+uid = int(sys.argv[2])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect("/proc/self/fd/%d/%s" % (d, os.path.basename(sys.argv[1])))
+s.sendall(b"GET /1.0 HTTP/1.1\r\nHost: lxd\r\nConnection: close\r\n\r\n")
+out = b""
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    out += b
+sys.stdout.buffer.write(out.partition(b"\r\n\r\n")[2])
+"""
+
+
+def devlxd_get(agent, uid=0):
+    """GET /1.0 on the agent's socket, as `uid`: the answer's body."""
+    p = subprocess.run(["/usr/bin/python3", "-c", AS_UID_GET, agent.devlxd, str(uid)],
+                       capture_output=True, timeout=20)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_devlxd_preamble_token_and_uid(agent):
+    """The token of the latest verified AUTH and the caller's uid go in
+    front of every relayed connection; an AUTH that fails changes nothing."""
+    host = FakeHost(agent.host)
+    tok1, tok2 = "0f" * 32, "a1" * 16 + "5e" * 16
+    try:
+        wait_for(lambda: host.requests, timeout=5, what="announce")
+        c = agent.connect(auth=False)
+        c.handshake(agent.sk, token=tok1)
+        assert devlxd_get(agent) == b'{"ok":true}'
+        assert host.preambles[-1] == b"GLDEVLXD1 %s 0\n" % tok1.encode()
+        assert devlxd_get(agent, uid=1000) == b'{"ok":true}'
+        assert host.preambles[-1] == b"GLDEVLXD1 %s 1000\n" % tok1.encode()
+        # a bad signature carrying a token: ignored
+        bad = agent.connect(auth=False)
+        bad.frame()
+        bad.send(0, AUTH, 0, {"version": "t", "sig": "00" * 64, "devlxd_token": tok2})
+        bad.expect_closed()
+        # a good one without a token keeps the one it has
+        agent.connect().close()
+        assert devlxd_get(agent, uid=65534) == b'{"ok":true}'
+        assert host.preambles[-1] == b"GLDEVLXD1 %s 65534\n" % tok1.encode()
+        # the latest wins
+        c2 = agent.connect(auth=False)
+        c2.handshake(agent.sk, token=tok2.upper())
+        assert devlxd_get(agent) == b'{"ok":true}'
+        assert host.preambles[-1] == b"GLDEVLXD1 %s 0\n" % tok2.encode()
+        c.close()
+        c2.close()
     finally:
         host.close()
 
@@ -1093,6 +1206,7 @@ def test_devlxd_proxy_large_body_backpressure(agent):
     host = FakeHost(agent.host, body=body)
     try:
         wait_for(lambda: host.requests, timeout=5, what="announce")
+        give_token(agent)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(agent.devlxd)
         s.sendall(b"GET /big HTTP/1.1\r\nHost: lxd\r\n\r\n")
@@ -1157,6 +1271,7 @@ def test_announce_unanswered_is_retried(agent):
         time.sleep(1.5)
         assert len(host.requests) == 2
         # the proxy still works afterwards
+        give_token(agent)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(agent.devlxd)
         s.sendall(b"GET /1.0 HTTP/1.1\r\nHost: lxd\r\n\r\n")

@@ -10,9 +10,10 @@ captures' containers. Differences that belong to VMs:
 - `GET /1.0` says "instance_type":"virtual-machine" (spec §8, devlxd-api.md
   line "a VM would say virtual-machine"); the expected bytes get that value
   and the matching Content-Length.
-- 23-nonroot-user is container-only: the 401 comes from the SO_PEERCRED uid
-  check of the container socket; over vsock the host cannot see a guest
-  uid (LXD's own agent socket is root-only, mode 0600, and checks nothing).
+- 23-nonroot-user runs as uid 1000 / 65534 in the guest: the agent reads
+  the caller's SO_PEERCRED uid and vouches for it in the preamble of its
+  vsock connection (docs/control-protocol.md), and the host answers
+  non-root 401 exactly as for a container.
 - A restart (test 10) is the host writing `state`, not an init re-bind."""
 
 import hashlib
@@ -29,10 +30,7 @@ from test_devlxd_conformance import (CAPTURED_FP, GENERIC, _keepalive_variants, 
                                      exchange, fetch_image, image_head)
 from vm_util import ModuleVMEnv
 
-CONTAINER_ONLY = {
-    "23-nonroot-user.txt": "the uid check (401 for non-root) is the container socket's "
-                           "SO_PEERCRED check; a VM's guest uid never reaches the host",
-}
+CONTAINER_ONLY = {}
 
 CT = b'"instance_type":"container"'
 VMT = b'"instance_type":"virtual-machine"'
@@ -85,10 +83,17 @@ def cap(tmp_path_factory):
         env.vm2 = env.mkvm("c2", config=C2_CONFIG, instance_id=C2_INSTANCE_ID)
         env.a1 = env.vm1.ns.agent()
         env.a2 = env.vm2.ns.agent()
+        env.uid_agents = {}
         yield env
 
 
 def agent_for(cap, ex):
+    """The caller the capture was taken with, in the guest."""
+    if ex["file"].endswith("23-nonroot-user.txt"):
+        uid = 65534 if "--user 65534" in ex["title"] else 1000
+        if uid not in cap.uid_agents:
+            cap.uid_agents[uid] = cap.vm1.ns.agent(uid=uid)
+        return cap.uid_agents[uid]
     return cap.a2 if ex["title"].startswith("c2:") else cap.a1
 
 

@@ -302,7 +302,16 @@ def test_image_export_never_leaves_the_images_dir(devlxd):
 
 # ---- VM transports ------------------------------------------------------------------------------
 
-from test_vm_host import mkvm, vmd, scratch  # noqa: E402,F401  (fixtures)
+from test_vm_host import mkvm, scratch  # noqa: E402,F401  (fixtures)
+from vm_util import vmenv, vmenv_factory  # noqa: E402,F401  (fixtures)
+
+
+@pytest.fixture
+def vmd_raw(daemon_factory):
+    """A daemon whose VM transports take raw HTTP (--vm-devlxd-auth none):
+    whoever speaks there is the VM's root, so what they say is audited
+    here; the default (the agent's preamble) is audited below."""
+    return daemon_factory(args=["--vm-devlxd-auth", "none"])
 
 VM2_SECRET = "vm2-secret-41aa"
 
@@ -317,10 +326,11 @@ def raw_exchange(path, data, timeout=5.0):
     return out
 
 
-def test_vm_transport_cannot_claim_another_vm(vmd, scratch):
+def test_vm_transport_cannot_claim_another_vm(vmd_raw, scratch):
     """What arrives on vm1's transport (<uds>_7362) is vm1, whatever it says:
     headers, paths and queries naming vm2, a CONNECT line as if to reach
     another port, get vm1's data or an error, never vm2's."""
+    vmd = vmd_raw
     uds1, uds2 = os.path.join(scratch, "vm1.sock"), os.path.join(scratch, "vm2.sock")
     mkvm(vmd, "vm1", uds1, {"user.foo": "one"})
     mkvm(vmd, "vm2", uds2, {"user.foo": VM2_SECRET, "user.meta-data": VM2_SECRET})
@@ -345,3 +355,71 @@ def test_vm_transport_cannot_claim_another_vm(vmd, scratch):
     # and vm1's own answer is vm1's
     out = raw_exchange(t1, tricks[0])
     assert out.endswith(b"\r\n\r\none"), out
+
+
+# Straight to the emulator's guest end, as any process of the guest could
+# (AF_VSOCK needs no privilege): CONNECT to the host's devlxd port, then HTTP.
+RAW_GUEST = r"""
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(b"CONNECT 7362\n")
+line = b""
+while not line.endswith(b"\n"):
+    b = s.recv(1)
+    if not b:
+        break
+    line += b
+out = b""
+try:
+    s.sendall(sys.argv[2].encode().decode("unicode_escape").encode("latin-1"))
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        out += b
+except (ConnectionResetError, BrokenPipeError):
+    pass
+sys.stdout.write(repr((line, out)))
+"""
+
+
+def test_vm_guest_uid_reaches_the_host(vmenv):
+    """With the default --vm-devlxd-auth token: through the agent, a
+    non-root process of the guest gets LXD's 401 and root gets 200; a guest
+    process that skips the agent and dials the host's devlxd port itself
+    (it has no token) gets nothing, whatever it sends."""
+    vm = vmenv.mkvm("vm1", config={"user.foo": "bar"})
+    status, out = vm.ns.curl("http://lxd/1.0/config/user.foo", "-i")
+    assert status == 0 and out.startswith(b"HTTP/1.1 200 OK\r\n"), out
+    assert out.endswith(b"\r\n\r\nbar"), out
+    for uid in (1000, 65534):
+        p = subprocess.run(vm.ns.nsenter(["curl", "-sS", "-i", "--max-time", "10", "--unix-socket",
+                                          "/dev/lxd/sock", "http://lxd/1.0/config/user.foo"],
+                                         uid=uid), capture_output=True, timeout=20)
+        assert p.stdout.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), (uid, p.stdout, p.stderr)
+        assert p.stdout.endswith(b"\r\n\r\nAccess denied for non-root user\n"), p.stdout
+        assert b"bar" not in p.stdout
+    # (as the guest's root: the emulator's socket file is root's, where a
+    # real VM's AF_VSOCK would let any uid connect; without the token root
+    # gets no more than anyone)
+    host_end = os.path.join(vm.guest, "host")
+    tok = "00" * 32
+    for data in (r"GET /1.0/config/user.foo HTTP/1.1\r\nHost: lxd\r\n\r\n",
+                 r"GLDEVLXD1 - 0\nGET /1.0/config/user.foo HTTP/1.1\r\nHost: lxd\r\n\r\n",
+                 rf"GLDEVLXD1 {tok} 0\nGET /1.0 HTTP/1.1\r\nHost: lxd\r\n\r\n",
+                 r"PATCH /1.0 HTTP/1.1\r\nHost: lxd\r\nContent-Length: 17\r\n\r\n"
+                 r'{"state":"Ready"}'):
+        p = subprocess.run(vm.ns.nsenter([PYTHON, "-c", RAW_GUEST, host_end, data]),
+                           capture_output=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        line, out = eval(p.stdout)  # our own repr
+        # the emulator put it through to the host, which said nothing
+        assert line in (b"OK\n",) or line.startswith(b"OK "), (data, line)
+        assert out == b"", (data, out)
+    with open(vmenv.gl.p("vm1", "state"), "rb") as f:
+        assert f.read() != b"Ready\n"
+    # the agent still serves root afterwards
+    status, out = vm.ns.curl("http://lxd/1.0/config/user.foo")
+    assert (status, out) == (0, b"bar")

@@ -184,7 +184,16 @@ def get(sock_path, path):
 @pytest.fixture
 def vmd(daemon_factory):
     """A running guestlinkd (private devlxd and control sockets) with a short
-    ping interval, so that the monitor's work shows quickly."""
+    ping interval, so that the monitor's work shows quickly, and
+    --vm-devlxd-auth none: the tests speak HTTP straight on <uds>_7362, as
+    the VM's root."""
+    return daemon_factory(args=["--agent-ping-interval", "300", "--vm-devlxd-auth", "none"])
+
+
+@pytest.fixture
+def vmd_token(daemon_factory):
+    """As vmd, with the default --vm-devlxd-auth token: only what the
+    VM's authenticated agent relays is served on <uds>_7362."""
     return daemon_factory(args=["--agent-ping-interval", "300"])
 
 
@@ -261,8 +270,8 @@ def test_agent_file_offline(vmd, scratch):
 
 def test_devlxd_without_a_host_socket(daemon_factory, scratch):
     # VMs need the devlxd server even when no --devlxd-socket is given
-    gl = daemon_factory(args=["--control-socket", os.path.join(scratch, "ctl.sock")],
-                        start=False)
+    gl = daemon_factory(args=["--control-socket", os.path.join(scratch, "ctl.sock"),
+                              "--vm-devlxd-auth", "none"], start=False)
     gl._private = []  # no private devlxd socket either
     gl.start()
     assert "--devlxd-socket" not in gl.cmdline()
@@ -484,9 +493,11 @@ def test_control_socket_parent_dirs_created(daemon_factory, scratch):
 
 def test_help_lists_the_vm_options():
     out = subprocess.run([GUESTLINKD, "--help"], capture_output=True, text=True).stdout
-    for opt in ("--control-socket", "--agent-ping-interval", "--max-agent-conns", "--vsock-port"):
+    for opt in ("--control-socket", "--agent-ping-interval", "--max-agent-conns", "--vsock-port",
+                "--vm-devlxd-auth token|none"):
         assert opt in out, opt
-    for bad in (["--agent-ping-interval", "x"], ["--max-agent-conns", "0"], ["--vsock-port", "-1"]):
+    for bad in (["--agent-ping-interval", "x"], ["--max-agent-conns", "0"], ["--vsock-port", "-1"],
+                ["--vm-devlxd-auth", "tokens"], ["--vm-devlxd-auth", ""]):
         p = subprocess.run([GUESTLINKD, "--state-dir", "/nonexistent/s", "--mount", "/nonexistent/m"]
                            + bad, capture_output=True, text=True)
         assert p.returncode == 2 and bad[0] in p.stderr, (bad, p.stderr)
@@ -511,9 +522,10 @@ class Guest:
         self.iid = iid
         self.agent = None
 
-    def start_agent(self, key=None):
+    def start_agent(self, key=None, devlxd=None):
+        """devlxd: the path of the agent's local devlxd socket (default none)."""
         argv = [AGENT, "--host-key", key or os.path.join(self.gl.state, "host.pub"),
-                "--transport", "unix:" + self.dir, "--devlxd-socket", "none"]
+                "--transport", "unix:" + self.dir, "--devlxd-socket", devlxd or "none"]
         if self.iid:
             argv += ["--instance-id", self.iid]
         self.agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -560,7 +572,8 @@ def agent_lines(gl, name):
     return dict(ln.split(": ", 1) for ln in read_bytes(gl.p(name, "agent")).decode().splitlines())
 
 
-def test_monitor_and_relay_with_a_real_agent(guest_bins, vmd, scratch):
+def test_monitor_and_relay_with_a_real_agent(guest_bins, vmd_token, scratch):
+    vmd = vmd_token  # the default: the agent announces itself with a tokenless preamble
     uds = os.path.join(scratch, "vm1.sock")
     iid = "856fc818-f65d-440f-b283-2b893183ee4d"
     mkvm(vmd, "vm1", uds, {"volatile.cloud-init.instance-id": iid})
@@ -780,3 +793,105 @@ def test_stop_tells_waiters(vmd, scratch):
     assert c.answer(5) == (1, ERROR, END, err(errno.ESHUTDOWN, "guestlinkd is stopping"))
     assert c.recv(5) is None
     c.close()
+
+
+# ---- who may speak on <uds>_7362 (--vm-devlxd-auth token, the default) ----------------------
+
+GET_FOO = b"GET /1.0/config/user.foo HTTP/1.1\r\nHost: lxd\r\nConnection: close\r\n\r\n"
+PATCH_READY = (b"PATCH /1.0 HTTP/1.1\r\nHost: lxd\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 17\r\nConnection: close\r\n\r\n{\"state\":\"Ready\"}")
+
+
+def raw(path, data, timeout=10.0):
+    """Send data, read to the end: (bytes, seconds until the end)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    t0 = time.monotonic()
+    try:
+        if data:
+            s.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    out = b""
+    while True:
+        try:
+            b = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not b:
+            break
+        out += b
+    s.close()
+    return out, time.monotonic() - t0
+
+
+def test_vm_transport_wants_the_agents_preamble(vmd_token, scratch):
+    """Without the agent's token, a connection on the VM's transport is
+    closed without a byte: raw HTTP, "-", a wrong token, or a line that
+    is not the preamble. None of them is served (a PATCH changes nothing)."""
+    uds = os.path.join(scratch, "vm1.sock")
+    mkvm(vmd_token, "vm1", uds, {"user.foo": "secret-foo-77"})
+    write_bytes(vmd_token.p("vm1", "state"), "Started\n")
+    t = uds + "_7362"
+    tok = b"5a" * 32
+    bad = [
+        GET_FOO,
+        PATCH_READY,
+        b"GLDEVLXD1 - 0\n" + GET_FOO,
+        b"GLDEVLXD1 - 0\n" + PATCH_READY,
+        b"GLDEVLXD1 " + tok + b" 0\n" + GET_FOO,          # not this VM's token
+        b"GLDEVLXD1 " + b"00" * 32 + b" 0\n" + PATCH_READY,
+        b"GLDEVLXD1 " + tok[:-1] + b" 0\n" + GET_FOO,      # 63 hex
+        b"GLDEVLXD1 " + tok + b" 4294967295\n" + GET_FOO,   # uid out of range
+        b"GLDEVLXD1 " + tok + b" -1\n" + GET_FOO,
+        b"GLDEVLXD1 " + tok + b" \n" + GET_FOO,
+        b"GLDEVLXD2 " + tok + b" 0\n" + GET_FOO,
+        b"\n" + GET_FOO,
+        b"x" * 200,                                         # over the line's cap
+    ]
+    for data in bad:
+        out, secs = raw(t, data)
+        assert out == b"", (data, out)
+        assert secs < 3.0, (data, secs)
+    assert read_bytes(vmd_token.p("vm1", "state")) == b"Started\n"
+    # silent, or a line that never ends: closed at the 5 s deadline
+    for data in (b"", b"GLDEVLXD1 " + tok):
+        out, secs = raw(t, data, timeout=15)
+        assert out == b"" and 4.0 <= secs <= 8.0, (data, out, secs)
+    assert "secret-foo-77" not in vmd_token.log()
+    # the daemon is fine: its tree still answers
+    assert read_bytes(vmd_token.p("vm1", "config", "user.foo")) == b"secret-foo-77\n"
+
+
+def test_agent_vouches_for_its_callers_uid(guest_bins, vmd_token, scratch):
+    """Through the real agent (which got the token in AUTH): root is served,
+    another uid gets the container's 401."""
+    uds = os.path.join(scratch, "vm1.sock")
+    iid = "5cbd7c4c-3f1b-4b57-9a43-0a9d3c0e3f11"
+    mkvm(vmd_token, "vm1", uds, {"volatile.cloud-init.instance-id": iid, "user.foo": "bar"})
+    g = Guest(vmd_token, scratch, uds, iid)
+    sock = os.path.join(scratch, "lxd", "sock")
+    try:
+        g.start_agent(devlxd=sock)
+        wait_for(lambda: read_bytes(vmd_token.p("vm1", "agent")).startswith(b"status: online\n"),
+                 timeout=5, what="agent online")
+
+        def curl(uid=None, path="/1.0/config/user.foo"):
+            pre = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                          "--clear-groups"]
+            p = subprocess.run(pre + ["curl", "-sS", "-i", "--max-time", "10", "--unix-socket",
+                                      sock, "http://lxd" + path],
+                               capture_output=True, timeout=20)
+            return p.stdout
+
+        out = curl()
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nbar"), out
+        for uid in (1000, 65534):
+            out = curl(uid)
+            assert out.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), (uid, out)
+            assert b"\r\nContent-Length: 32\r\n" in out, (uid, out)
+            assert out.endswith(b"\r\n\r\nAccess denied for non-root user\n"), (uid, out)
+        assert curl(0).endswith(b"\r\n\r\nbar")
+    finally:
+        g.close()

@@ -44,7 +44,11 @@ static struct {
 	uint32_t ag_last_id;
 	uint8_t ag_last_type;
 	int ag_closed, ag_closed_err;
+	bool ag_token_present;
+	char ag_token[160];  /* AUTH's "devlxd_token" */
+	char ag_auth_keys[160]; /* AUTH's keys, sorted, comma separated */
 	/* host */
+	const uint8_t *token; /* opts.devlxd_token */
 	gl_agentlink *link;
 	bool in_api;
 	int cbs, cb_in_api, status;
@@ -188,6 +192,22 @@ static void ag_frame(gl_fconn *c, const gl_frame *f, void *arg)
 	ck_assert_ptr_nonnull(hex);
 	ck_assert_uint_eq(strlen(hex), 128);
 	ck_assert_int_eq(gl_auth_unhex(hex, 128, sig, sizeof(sig)), 0);
+	{
+		json_t *t = json_object_get(j, "devlxd_token");
+		const char *k;
+		json_t *v;
+		size_t n = 0;
+
+		F.ag_token_present = t != NULL;
+		if (t) {
+			ck_assert(json_is_string(t));
+			snprintf(F.ag_token, sizeof(F.ag_token), "%s", json_string_value(t));
+		}
+		/* jansson keeps insertion order: the bytes the host packed */
+		json_object_foreach(j, k, v)
+			n += (size_t)snprintf(F.ag_auth_keys + n, sizeof(F.ag_auth_keys) - n,
+					      "%s%s", n ? "," : "", k);
+	}
 	json_decref(j);
 	if (gl_auth_verify(F.agent_pk, F.nonce, F.agent_instance, sig))
 		F.ag_good_auths++;
@@ -279,6 +299,7 @@ static void opts(gl_agentlink_opts *o, const char *instance, uint64_t ms)
 	o->handshake_ms = ms;
 	o->instance_id = instance;
 	o->sk = F.sk;
+	o->devlxd_token = F.token;
 }
 
 /* Host on one end of a socketpair, the fake agent on the other. */
@@ -311,6 +332,9 @@ START_TEST(success)
 	ck_assert_int_eq(F.status, 0);
 	ck_assert_int_eq(F.ag_auths, 1);
 	ck_assert_int_eq(F.ag_good_auths, 1);
+	/* no token given: AUTH is exactly as before */
+	ck_assert(!F.ag_token_present);
+	ck_assert_str_eq(F.ag_auth_keys, "version,sig");
 	ck_assert_str_eq(F.hello.version, "9.9.9-ok");
 	ck_assert_uint_eq(F.hello.uptime_ms, 1234567);
 	ck_assert_uint_le(F.hello.rtt_us, (now_ms() - t0) * 1000 + 1000);
@@ -327,6 +351,25 @@ START_TEST(success)
 	RUN_UNTIL(0, 2200);
 	ck_assert_int_eq(F.host_closed, 0);
 	ck_assert_ptr_nonnull(F.hc);
+}
+END_TEST
+
+START_TEST(auth_carries_devlxd_token)
+{
+	uint8_t tok[GL_AGENTLINK_TOKEN];
+
+	for (size_t k = 0; k < sizeof(tok); k++)
+		tok[k] = (uint8_t)(k * 7 + 0xa0);
+	F.token = tok;
+	start_pair("vm1", 2000);
+	/* copied at start: the caller's buffer may change afterwards */
+	memset(tok, 0, sizeof(tok));
+	RUN_UNTIL(F.cbs, 3000);
+	ck_assert_int_eq(F.status, 0);
+	ck_assert_int_eq(F.ag_good_auths, 1);
+	ck_assert(F.ag_token_present);
+	ck_assert_str_eq(F.ag_token, "a0a7aeb5bcc3cad1d8dfe6edf4fb020910171e252c333a41484f565d646b7279");
+	ck_assert_str_eq(F.ag_auth_keys, "version,sig,devlxd_token");
 }
 END_TEST
 
@@ -618,6 +661,7 @@ static Suite *agentlink_suite(void)
 
 	tcase_add_checked_fixture(t, setup, teardown);
 	tcase_add_test(t, success);
+	tcase_add_test(t, auth_carries_devlxd_token);
 	tcase_add_test(t, agent_without_instance_id);
 	tcase_add_test(t, unknown_type_skipped);
 	tcase_add_test(t, wrong_instance_eperm);

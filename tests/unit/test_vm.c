@@ -174,13 +174,18 @@ static void teardown(void)
 	free(tmp);
 }
 
-static int adopt(const char *name)
+static int adopt_as(const char *name, uid_t guest_uid)
 {
 	int sv[2];
 
 	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-	ck_assert_int_eq(gl_devlxd_adopt(dl, sv[0], uid_of(name)), 0);
+	ck_assert_int_eq(gl_devlxd_adopt(dl, sv[0], uid_of(name), guest_uid), 0);
 	return sv[1];
+}
+
+static int adopt(const char *name)
+{
+	return adopt_as(name, 0);
 }
 
 #define GET(path) "GET " path " HTTP/1.1\r\nHost: lxd\r\nConnection: close\r\n\r\n"
@@ -212,6 +217,13 @@ START_TEST(adopted_connections_are_their_instance)
 	r = exchange(b, GET("/1.0/config/user.only1"));
 	ck_assert_msg(!strncmp(r, "HTTP/1.1 404 Not Found\r\n", 24), "%s", r);
 	close(b);
+
+	/* a guest uid other than 0: LXD's 401 for non-root, on every path */
+	a = adopt_as("vm1", 1000);
+	r = exchange(a, GET("/1.0/config/user.foo"));
+	ck_assert_msg(!strncmp(r, "HTTP/1.1 401 Unauthorized\r\n", 27), "%s", r);
+	ck_assert_str_eq(body_of(r), "Access denied for non-root user\n");
+	close(a);
 
 	a = adopt("vm1");
 	r = exchange(a, GET("/1.0"));
@@ -261,7 +273,7 @@ static const char *agent_text(const char *name)
 	return b.data;
 }
 
-static gl_vm *vm_start(unsigned max_conns)
+static gl_vm *vm_start_auth(unsigned max_conns, bool no_auth)
 {
 	gl_vm_opts o;
 	gl_vm *vm;
@@ -270,10 +282,74 @@ static gl_vm *vm_start(unsigned max_conns)
 	gl_vm_opts_default(&o);
 	o.link_deadline_ms = 200;
 	o.max_agent_conns = max_conns;
+	o.devlxd_no_auth = no_auth;
 	memset(o.sk, 7, sizeof(o.sk));
 	ck_assert_int_eq(gl_vm_start(&loop, model, dl, &o, &vm, err, sizeof(err)), 0);
 	return vm;
 }
+
+/* These tests speak HTTP on the transport: no preamble. */
+static gl_vm *vm_start(unsigned max_conns)
+{
+	return vm_start_auth(max_conns, true);
+}
+
+static int dial_unix(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	ck_assert_int_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	return fd;
+}
+
+START_TEST(transport_wants_the_preamble)
+{
+	char uds[256], lst[300];
+	const char *r;
+	int fd, slow, partial;
+	gl_vm *vm;
+
+	setup();
+	snprintf(uds, sizeof(uds), "%s/vm1.sock", tmp);
+	snprintf(lst, sizeof(lst), "%s_7362", uds);
+	create("vm1", "virtual-machine");
+	set_config("vm1", "user.foo", "bar");
+	set_attr("vm1", GL_ATTR_VSOCK_UDS, uds);
+	vm = vm_start_auth(4, false);
+	ck_assert(is_sock(lst));
+
+	/* raw HTTP, "-", a token that is not the VM's: closed, no byte */
+	fd = dial_unix(lst);
+	ck_assert_str_eq(exchange(fd, GET("/1.0/config/user.foo")), "");
+	close(fd);
+	fd = dial_unix(lst);
+	ck_assert_str_eq(exchange(fd, "GLDEVLXD1 - 0\n" GET("/1.0/config/user.foo")), "");
+	close(fd);
+	fd = dial_unix(lst);
+	r = exchange(fd, "GLDEVLXD1 0000000000000000000000000000000000000000000000000000000000000000"
+		     " 0\n" GET("/1.0/config/user.foo"));
+	ck_assert_str_eq(r, "");
+	close(fd);
+
+	/* a silent client and a line that never ends do not hold the loop;
+	 * the VM side stops with them still pending (ASan: nothing leaks) */
+	slow = dial_unix(lst);
+	partial = dial_unix(lst);
+	ck_assert_int_eq(write(partial, "GLDEVLXD1 ", 10), 10);
+	pump(50);
+	fd = dial_unix(lst);
+	ck_assert_str_eq(exchange(fd, GET("/1.0")), "");
+	close(fd);
+	gl_vm_stop(vm);
+	ck_assert(closed_within(slow, 2000));
+	ck_assert(closed_within(partial, 2000));
+	close(slow);
+	close(partial);
+	teardown();
+}
+END_TEST
 
 START_TEST(hybrid_listener_follows_the_model)
 {
@@ -412,6 +488,7 @@ static Suite *vm_suite(void)
 
 	tcase_add_test(t, adopted_connections_are_their_instance);
 	tcase_add_test(t, hybrid_listener_follows_the_model);
+	tcase_add_test(t, transport_wants_the_preamble);
 	tcase_add_test(t, links_fail_cleanly);
 	suite_add_tcase(s, t);
 	return s;
