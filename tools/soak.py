@@ -724,9 +724,10 @@ def main():
         f"({ST.get('devlxd requests answered') / elapsed:,.0f}/s) |",
         f"| FUSE writes acknowledged | {ST.get('acknowledged writes'):,} "
         f"({ST.get('acknowledged writes') / elapsed:,.0f}/s) |",
-        f"| counter events delivered to the devlxd subscriber | {sub.events:,} |",
+        f"| counter events delivered to the devlxd subscriber | {sub.events:,} "
+        f"({sub.events / elapsed:,.0f}/s) |",
         f"| counter events read from MNT/c1/events | {host_ev['events']:,} "
-        f"(over {host_ev['opens']} opens) |",
+        f"({host_ev['events'] / elapsed:,.0f}/s, over {host_ev['opens']} opens) |",
         f"| instances created and removed | {ST.get('instances created and removed'):,} |",
         f"| never-reading WebSocket subscribers | "
         f"{ST.get('never-reading WebSocket subscribers'):,} |",
