@@ -82,7 +82,7 @@ $(BUILD)/guestlink-agent: $(AGENT_OBJ) $(BUILD)/libglwire.a
 $(BUILD)/guestlinkctl: $(CTL_OBJ) $(BUILD)/libglwire.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(WIRE_LIBS)
 
-$(BUILD)/tests/%: tests/unit/%.c tests/unit/unit.h tests/unit/fake_store.h $(BUILD)/libglbridge.a $(BUILD)/libglcore.a
+$(BUILD)/tests/%: tests/unit/%.c tests/unit/unit.h tests/unit/fake_store.h tests/unit/model_ops.h $(BUILD)/libglbridge.a $(BUILD)/libglcore.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libglbridge.a $(BUILD)/libglcore.a $(LDLIBS) $(shell pkg-config --libs check)
 

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -97,20 +96,7 @@ def _teardown(daemons):
 
     # Readers of events files end with EOF when the daemon stops; anything
     # still alive a moment later is stuck or was leaked by the test.
-    deadline = time.monotonic() + 3.0
-    while True:
-        glutil.reap_zombies()
-        left = [c for c in glutil.live_children() if c[1] != "Z"]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    for pid, st, cmd in left:
-        problems.append(f"child process left behind: pid {pid} state {st}: {cmd}")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    glutil.reap_zombies()
+    problems += glutil.kill_leftover_children(3.0)
     return problems
 
 

@@ -569,6 +569,28 @@ def live_children():
     return out
 
 
+def kill_leftover_children(timeout=3.0):
+    """Children of this process still alive `timeout` seconds from now (after
+    reaping zombies) are stuck or were leaked by a test: kill them and return
+    one problem line for each."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reap_zombies()
+        left = [c for c in live_children() if c[1] != "Z"]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    problems = []
+    for pid, st, cmd in left:
+        problems.append(f"child process left behind: pid {pid} state {st}: {cmd}")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    reap_zombies()
+    return problems
+
+
 def reap_zombies():
     while True:
         try:

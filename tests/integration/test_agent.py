@@ -274,20 +274,7 @@ def agent_factory():
     problems = []
     for a in made:
         problems += a.stop()
-    deadline = time.monotonic() + 3.0
-    while True:
-        glutil.reap_zombies()
-        left = [c for c in glutil.live_children() if c[1] != "Z"]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    for pid, st, cmd in left:
-        problems.append(f"child process left behind: pid {pid} state {st}: {cmd}")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    glutil.reap_zombies()
+    problems += glutil.kill_leftover_children(3.0)
     for a in made:
         if problems:
             problems.append(f"agent log {a.base}:\n{a.logtext()[-4000:]}")

@@ -5,6 +5,7 @@
 #ifndef GUESTLINK_TESTS_FAKE_STORE_H
 #define GUESTLINK_TESTS_FAKE_STORE_H
 
+#include <stdio.h>
 #include <string.h>
 
 #include "core/store.h"
@@ -23,6 +24,8 @@ static inline int fake_commit(gl_store *s, const gl_sop *ops, size_t n)
 	(void)ops;
 	f->commits++;
 	f->last_n = n;
+	if (f->fail) /* as a real store does: say why, for the model's log line */
+		snprintf(s->errmsg, sizeof(s->errmsg), "fake store: %s", strerror(-f->fail));
 	return f->fail;
 }
 

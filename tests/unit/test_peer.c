@@ -21,33 +21,13 @@
 #include "bridge/peer.h"
 #include "core/model.h"
 #include "tests/unit/fake_store.h"
+#include "tests/unit/model_ops.h"
 #include "tests/unit/unit.h"
 
-
-static uv_loop_t loop;
 static fake_store fstore;
-static gl_model *model;
 static char *tmp;
 static char sock_path[256];
 static int lfd = -1;
-static int pending;
-
-static void done_cb(void *arg, int status)
-{
-	*(int *)arg = status;
-	pending--;
-}
-
-static int submit(gl_op *o)
-{
-	int st = 1;
-
-	pending++;
-	ck_assert_int_eq(gl_model_submit(model, o, done_cb, &st), 0);
-	while (pending)
-		uv_run(&loop, UV_RUN_ONCE);
-	return st;
-}
 
 static void create(const char *name)
 {
