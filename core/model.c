@@ -2,13 +2,18 @@
  *
  * Ops queue up in submission order. Before the loop sleeps (uv_prepare) the
  * queue is cut into a batch; the batch is staged on the loop thread against
- * the durable state plus the ops before it in the same batch (the
- * "overlay"), which decides each op's outcome, the events it makes and the
- * store writes it needs. One batch at a time goes to the pool for a single
- * store transaction (one fsync: group commit). When it is durable, the
- * batch is applied to memory in order, events go out, observers run, and
- * only then are the callers told. A failed transaction fails every op of
- * the batch and changes nothing. */
+ * the durable state plus the ops of the batches still in flight and the
+ * ops before it in the same batch (the "overlay"), which decides each op's
+ * outcome, the events it makes and the store writes it needs. A batch goes
+ * to the pool for a single store transaction and one fsync (group commit).
+ * The stores that split the two (write, then sync) are pipelined: as soon
+ * as one batch is written the next one may be staged and written while the
+ * first is still syncing, up to MAX_INFLIGHT batches. Batches finish in
+ * order: when a batch and every batch before it are durable, it is applied
+ * to memory in order, events go out, observers run, and only then are the
+ * callers told. Memory never holds what is not durable. A failed
+ * transaction fails every op of the batch and changes nothing; a failed
+ * sync also fails the batches staged over it. */
 #include "core/model.h"
 
 #include <errno.h>
@@ -16,6 +21,7 @@
 #include <jansson.h>
 #include <pthread.h>
 #include <sodium.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +31,9 @@
 #include "core/names.h"
 
 #define MAX_BATCH 512
+/* Batches written and not yet reported; also bounds the overlay a staging
+ * looks through (MAX_INFLIGHT * MAX_BATCH ops before the new batch). */
+#define MAX_INFLIGHT 4
 #define INSTANCE_ID_KEY "volatile.cloud-init.instance-id"
 
 enum { ST_STOPPED, ST_STARTED, ST_READY };
@@ -101,15 +110,21 @@ typedef struct pending {
 
 typedef struct batch {
 	uv_work_t work;
-	gl_model *m; /* NULL once the model closed under it */
+	struct batch *next; /* the model's in-flight list, oldest first */
+	gl_model *m;        /* NULL once the model closed under it */
 	pending *ops;
 	size_t nops;
 	gl_sop *sops;
 	size_t nsops;
-	int status;
+	/* set by the pool thread under lock */
+	int wstatus; /* the write's result, once written */
+	int status;  /* the whole result, once done */
+	bool written, done;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	bool done;
+	/* loop thread only */
+	bool finished; /* libuv's completion callback ran */
+	int fail;      /* failed because a batch it was staged over failed */
 } batch;
 
 struct gl_model {
@@ -121,8 +136,13 @@ struct gl_model {
 	uint64_t next_uid;
 	int64_t mtime;
 	pending *qhead, **qtail;
-	batch *inflight;
+	batch *fly, *fly_last; /* in flight, oldest first */
+	size_t nfly;
+	pending **overlay; /* staging scratch: MAX_INFLIGHT + 1 batches of ops */
 	uv_prepare_t prepare;
+	uv_async_t written;       /* a pool thread wrote a batch the loop waits on */
+	atomic_bool want_written; /* the loop waits on that */
+	int open_handles;
 	gl_sub *gsubs;
 	gl_sub *notify_list;
 	observer *obs;
@@ -1596,15 +1616,40 @@ static int sops_for(batch *b, size_t *cap, pending *p)
 static void batch_work(uv_work_t *w)
 {
 	batch *b = w->data;
+	gl_model *m = b->m; /* the model waits for `done` before it goes */
+	gl_store *s = m->store;
+	bool split = s->ops->write && s->ops->sync;
 	int r = 0;
 
 	if (b->nsops)
-		r = gl_store_commit(b->m->store, b->sops, b->nsops);
+		r = split ? s->ops->write(s, b->sops, b->nsops) : gl_store_commit(s, b->sops, b->nsops);
+	pthread_mutex_lock(&b->lock);
+	b->wstatus = r;
+	b->written = true;
+	pthread_mutex_unlock(&b->lock);
+	/* the next batch may go to the store now, while this one syncs */
+	if (atomic_load(&m->want_written))
+		uv_async_send(&m->written);
+	if (!r && b->nsops && split)
+		r = s->ops->sync(s);
 	pthread_mutex_lock(&b->lock);
 	b->status = r;
 	b->done = true;
 	pthread_cond_signal(&b->cond);
 	pthread_mutex_unlock(&b->lock);
+}
+
+/* Has the pool thread written b? Its write's result in *wstatus. */
+static bool batch_written(batch *b, int *wstatus)
+{
+	bool w;
+
+	pthread_mutex_lock(&b->lock);
+	w = b->written;
+	if (wstatus)
+		*wstatus = b->wstatus;
+	pthread_mutex_unlock(&b->lock);
+	return w;
 }
 
 static void batch_free(batch *b)
@@ -1728,11 +1773,22 @@ static void model_kick(gl_model *m);
 /* Tell everyone how the batch went; frees its ops. */
 static void batch_report(gl_model *m, batch *b)
 {
-	if (b->status) {
-		fprintf(stderr, "guestlinkd: error: store commit failed: %s\n", m->store->errmsg);
+	int status = b->fail ? b->fail : b->status;
+
+	if (status) {
+		if (!b->fail)
+			fprintf(stderr, "guestlinkd: error: store commit failed: %s\n",
+				m->store->errmsg);
+		/* Written but not durable: the batches staged over this one
+		 * assumed it, so they fail with it. b was taken off the list
+		 * first: what is left there is every batch staged after it. */
+		if (!b->fail && !b->wstatus)
+			for (batch *q = m->fly; q; q = q->next)
+				if (!q->fail)
+					q->fail = status;
 		for (pending *p = b->ops; p; p = p->next)
 			if (!p->status)
-				p->status = b->status;
+				p->status = status;
 	} else {
 		for (pending *p = b->ops; p; p = p->next)
 			if (!p->status)
@@ -1750,42 +1806,83 @@ static void batch_report(gl_model *m, batch *b)
 	}
 }
 
+/* Take the oldest in-flight batch off the list. */
+static batch *fly_pop(gl_model *m)
+{
+	batch *b = m->fly;
+
+	m->fly = b->next;
+	if (!m->fly)
+		m->fly_last = NULL;
+	b->next = NULL;
+	m->nfly--;
+	return b;
+}
+
 static void batch_done(uv_work_t *w, int status)
 {
 	batch *b = w->data;
 	gl_model *m = b->m; /* NULL: the model closed and reported it already */
 
-	if (m) {
-		m->inflight = NULL;
-		batch_report(m, b);
+	(void)status;
+	if (!m) {
+		batch_free(b);
+		return;
 	}
-	batch_free(b);
-	if (m && !m->closing)
+	b->finished = true;
+	/* in order: a batch finished early waits for the ones before it */
+	while (m->fly && m->fly->finished) {
+		batch *d = fly_pop(m);
+
+		batch_report(m, d);
+		batch_free(d);
+	}
+	if (!m->closing)
 		model_kick(m);
+}
+
+/* May a new batch be staged now? Not while the newest batch is still being
+ * written: it would have to be staged over ops whose write may yet fail. */
+static bool can_start(gl_model *m)
+{
+	if (!m->qhead || m->closing || m->nfly >= MAX_INFLIGHT)
+		return false;
+	if (!m->fly_last || batch_written(m->fly_last, NULL))
+		return true;
+	/* ask the pool thread to wake us, then look again: one of the two
+	 * sees the other's flag */
+	atomic_store(&m->want_written, true);
+	return batch_written(m->fly_last, NULL);
 }
 
 static void batch_start(gl_model *m)
 {
 	batch *b = calloc(1, sizeof(*b));
-	pending *ops[MAX_BATCH];
-	stage st = {.m = m, .ops = ops, .n = 0};
-	size_t cap = 0;
+	stage st = {.m = m, .ops = m->overlay, .n = 0};
+	size_t cap = 0, first;
 	pending **tail;
+	int ws;
 
 	if (!b)
 		return; /* retried at the next loop turn */
 	pthread_mutex_init(&b->lock, NULL);
 	pthread_cond_init(&b->cond, NULL);
 	b->m = m;
+	/* the overlay: every op of the batches in flight whose write worked */
+	for (batch *q = m->fly; q; q = q->next)
+		if (batch_written(q, &ws) && !ws && !q->fail)
+			for (pending *p = q->ops; p; p = p->next)
+				st.ops[st.n++] = p;
+	first = st.n;
 	tail = &b->ops;
-	while (m->qhead && st.n < MAX_BATCH) {
+	while (m->qhead && st.n - first < MAX_BATCH) {
 		pending *p = m->qhead;
 
 		m->qhead = p->next;
 		p->next = NULL;
 		*tail = p;
 		tail = &p->next;
-		ops[st.n] = p;
+		st.ops[st.n] = p;
 		p->status = stage_one(&st, st.n, p);
 		if (!p->status && sops_for(b, &cap, p))
 			p->status = -ENOMEM;
@@ -1793,19 +1890,24 @@ static void batch_start(gl_model *m)
 	}
 	if (!m->qhead)
 		m->qtail = &m->qhead;
-	b->nops = st.n;
+	b->nops = st.n - first;
 	b->work.data = b;
-	m->inflight = b;
+	if (m->fly_last)
+		m->fly_last->next = b;
+	else
+		m->fly = b;
+	m->fly_last = b;
+	m->nfly++;
 	if (uv_queue_work(m->loop, &b->work, batch_work, batch_done)) {
-		b->status = -EIO;
-		b->done = true;
+		b->wstatus = b->status = -EIO;
+		b->written = b->done = true;
 		batch_done(&b->work, 0);
 	}
 }
 
 static void model_kick(gl_model *m)
 {
-	if (m->qhead && !m->inflight)
+	if (m->qhead && !m->closing)
 		uv_prepare_start(&m->prepare, prepare_cb);
 }
 
@@ -1814,8 +1916,16 @@ static void prepare_cb(uv_prepare_t *h)
 	gl_model *m = h->data;
 
 	uv_prepare_stop(h);
-	if (m->qhead && !m->inflight && !m->closing)
+	if (can_start(m))
 		batch_start(m);
+}
+
+static void written_cb(uv_async_t *h)
+{
+	gl_model *m = h->data;
+
+	atomic_store(&m->want_written, false);
+	model_kick(m);
 }
 
 /* ---- load and lifetime -------------------------------------------------- */
@@ -1953,15 +2063,34 @@ gl_model *gl_model_open(uv_loop_t *loop, gl_store *store, const gl_limits *lim, 
 		sort_entries(&m->inst[k]->config);
 		sort_entries(&m->inst[k]->devices);
 	}
+	m->overlay = calloc((MAX_INFLIGHT + 1) * MAX_BATCH, sizeof(*m->overlay));
+	if (!m->overlay || uv_async_init(loop, &m->written, written_cb)) {
+		snprintf(errbuf, errlen, "out of memory");
+		for (size_t k = 0; k < m->ninst; k++)
+			instance_free(m->inst[k]);
+		free(m->inst);
+		free(m->overlay);
+		free(m);
+		return NULL;
+	}
+	m->written.data = m;
+	/* the async is only needed while a batch is being written */
+	uv_unref((uv_handle_t *)&m->written);
 	uv_prepare_init(loop, &m->prepare);
 	/* active (and so keeping the loop alive) only while ops are queued */
 	m->prepare.data = m;
+	m->open_handles = 2;
 	return m;
 }
 
-static void prepare_closed(uv_handle_t *h)
+static void handle_closed(uv_handle_t *h)
 {
-	free(h->data);
+	gl_model *m = h->data;
+
+	if (--m->open_handles == 0) {
+		free(m->overlay);
+		free(m);
+	}
 }
 
 void gl_model_close(gl_model *m)
@@ -1969,18 +2098,20 @@ void gl_model_close(gl_model *m)
 	if (!m)
 		return;
 	m->closing = true;
-	if (m->inflight) {
-		/* the pool thread is committing: wait for it, then report the batch
-		 * here; libuv's completion callback will only free it */
-		batch *b = m->inflight;
+	/* wait for the pool threads, then report the batches here, in order;
+	 * libuv's completion callback only frees those it has not seen yet */
+	while (m->fly) {
+		batch *b = fly_pop(m);
 
 		pthread_mutex_lock(&b->lock);
 		while (!b->done)
 			pthread_cond_wait(&b->cond, &b->lock);
 		pthread_mutex_unlock(&b->lock);
-		m->inflight = NULL;
-		b->m = NULL; /* libuv's completion callback only frees it */
 		batch_report(m, b);
+		if (b->finished)
+			batch_free(b);
+		else
+			b->m = NULL;
 	}
 	while (m->qhead) {
 		pending *p = m->qhead;
@@ -2000,5 +2131,6 @@ void gl_model_close(gl_model *m)
 		instance_free(m->inst[k]);
 	free(m->inst);
 	free(m->obs);
-	uv_close((uv_handle_t *)&m->prepare, prepare_closed);
+	uv_close((uv_handle_t *)&m->prepare, handle_closed);
+	uv_close((uv_handle_t *)&m->written, handle_closed);
 }

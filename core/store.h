@@ -3,8 +3,10 @@
  * acknowledging it. One embedded implementation: SQLite (store_sqlite.c).
  *
  * Threading: gl_store_open/load/close run on the loop thread at start-up and
- * shutdown. commit() runs on a libuv pool thread, never two at once for one
- * store; it touches nothing but the store and the batch it is given. */
+ * shutdown. commit() and write() run on a libuv pool thread, never two at
+ * once for one store; sync() may run on another pool thread at the same
+ * time as a write() or another sync(). They touch nothing but the store and
+ * the batch they are given. */
 #ifndef GUESTLINK_CORE_STORE_H
 #define GUESTLINK_CORE_STORE_H
 
@@ -72,6 +74,15 @@ typedef struct gl_store_ops {
 	/* Apply ops[0..n) atomically and durably (all or nothing). 0 or -errno:
 	 * -ENOSPC when the disk is full, -EIO for anything else. */
 	int (*commit)(gl_store *s, const gl_sop *ops, size_t n);
+	/* The same in two steps, so that a caller can write the next batch
+	 * while the last one is being synced (both NULL: use commit()).
+	 * write(): apply ops[0..n) atomically, seen by later writes, not yet
+	 * durable. sync(): make durable every write() that returned before it
+	 * was called. After a failed sync() what reached the disk is unknown:
+	 * the store is broken and every later write() and sync() fails with
+	 * -EIO (a restart loads whatever the disk holds). */
+	int (*write)(gl_store *s, const gl_sop *ops, size_t n);
+	int (*sync)(gl_store *s);
 	int (*load)(gl_store *s, const gl_store_loader *l);
 	void (*close)(gl_store *s); /* frees s */
 } gl_store_ops;
@@ -82,7 +93,8 @@ struct gl_store {
 };
 
 /* Open (creating if absent) the SQLite store in directory `dir`
- * (`dir`/guestlink.db, WAL mode, synchronous=FULL). A file that is not a
+ * (`dir`/guestlink.db, WAL mode; sync() is one fdatasync of the WAL, which
+ * makes commit() as durable as SQLite's synchronous=FULL). A file that is not a
  * SQLite database, is corrupt, or is some other application's database is
  * refused, never overwritten: *err then points at a static message and
  * the result is -EINVAL (foreign/corrupt) or another -errno.

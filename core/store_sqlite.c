@@ -1,7 +1,12 @@
 /* The embedded store: one SQLite database in WAL mode (core/store.h).
  *
- * Every commit is one IMMEDIATE transaction run with statements prepared
- * once at open, so a batch of any size costs one WAL append and one fsync.
+ * Every write is one IMMEDIATE transaction run with statements prepared
+ * once at open, so a batch of any size costs one WAL append; the sync is
+ * one fdatasync of the WAL, done by us rather than inside SQLite's COMMIT
+ * (synchronous=NORMAL), so that it can overlap the next batch's write.
+ * That is exactly the durability of synchronous=FULL, whose COMMIT does
+ * the same fdatasync after the same append; checkpoints still sync the WAL
+ * before copying it and the database after.
  * The state directory is owned through an flock()ed lock file, taken before
  * the database is touched. A database that is not ours is refused before
  * anything is written to it (not even the WAL switch, which rewrites the
@@ -91,8 +96,11 @@ typedef struct sq_store {
 	sqlite3 *db;
 	sqlite3_stmt *st[ST_COUNT];
 	int lock_fd;
+	int wal_fd; /* our own descriptor on the WAL, for sync() */
+	int broken; /* atomic: a sync failed, refuse everything */
 	int persist_wal;
 	char *path; /* the database file, for messages */
+	char *wal_path;
 } sq_store;
 
 static const gl_store_ops sq_ops;
@@ -352,7 +360,7 @@ static int setup(sq_store *s, bool fresh)
 	/* A modest page cache: the model holds everything in memory anyway.
 	 * The WAL is trimmed back to 8 MiB (twice the autocheckpoint size)
 	 * after a large batch grew it. */
-	rc = exec_sql(s, "PRAGMA synchronous=FULL; PRAGMA cache_size=-4096;"
+	rc = exec_sql(s, "PRAGMA synchronous=NORMAL; PRAGMA cache_size=-4096;"
 	                 "PRAGMA journal_size_limit=8388608;");
 	if (rc != SQLITE_OK)
 		return map_rc(s, rc);
@@ -390,8 +398,36 @@ static void sq_free(sq_store *s)
 	sqlite3_close_v2(s->db);
 	if (s->lock_fd >= 0)
 		close(s->lock_fd);
+	if (s->wal_fd >= 0)
+		close(s->wal_fd);
 	sqlite3_free(s->path);
+	sqlite3_free(s->wal_path);
 	free(s);
+}
+
+/* Our descriptor on the WAL (reading the database made SQLite create it;
+ * PERSIST_WAL keeps it, the same file, until we close), and the state
+ * directory synced once so that the names of both files are durable. */
+static int open_wal(sq_store *s, const char *dir)
+{
+	int fd, r;
+
+	s->wal_fd = open(s->wal_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (s->wal_fd < 0) {
+		r = -errno;
+		set_err(s, "cannot open %s: %s", s->wal_path, strerror(-r));
+		return r;
+	}
+	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0 || fsync(fd) < 0) {
+		r = -errno;
+		set_err(s, "cannot sync state directory %s: %s", dir, strerror(-r));
+		if (fd >= 0)
+			close(fd);
+		return r;
+	}
+	close(fd);
+	return 0;
 }
 
 int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errlen)
@@ -399,7 +435,6 @@ int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errl
 	bool fresh = false;
 	int rc, r, had_wal, fd;
 	sq_store *s;
-	char *wal;
 	size_t i;
 
 	*out = NULL;
@@ -411,6 +446,7 @@ int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errl
 	}
 	s->base.ops = &sq_ops;
 	s->lock_fd = -1;
+	s->wal_fd = -1;
 
 	if (sqlite3_threadsafe() == 0) {
 		/* commit() runs on pool threads. */
@@ -431,14 +467,13 @@ int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errl
 		r = -ENOMEM;
 		goto fail;
 	}
-	wal = sqlite3_mprintf("%s-wal", s->path);
-	if (!wal) {
+	s->wal_path = sqlite3_mprintf("%s-wal", s->path);
+	if (!s->wal_path) {
 		set_err(s, "out of memory");
 		r = -ENOMEM;
 		goto fail;
 	}
-	had_wal = access(wal, F_OK) == 0;
-	sqlite3_free(wal);
+	had_wal = access(s->wal_path, F_OK) == 0;
 
 	/* Config values may be secrets (cloud-init user-data): create the file
 	 * private whatever the umask; SQLite gives its WAL and shm the same mode. */
@@ -491,6 +526,10 @@ int gl_store_sqlite_open(const char *dir, gl_store **out, char *err, size_t errl
 			goto fail;
 		}
 	}
+
+	r = open_wal(s, dir);
+	if (r < 0)
+		goto fail;
 
 	s->base.errmsg[0] = '\0';
 	if (err && errlen)
@@ -604,12 +643,17 @@ static int exec_op(sq_store *s, const gl_sop *op)
 	return SQLITE_MISUSE;
 }
 
-static int sq_commit(gl_store *base, const gl_sop *ops, size_t n)
+static int sq_write(gl_store *base, const gl_sop *ops, size_t n)
 {
 	sq_store *s = (sq_store *)base;
 	size_t i;
 	int rc, r;
 
+	if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
+		set_err(s, "%s: a sync failed earlier; no writes until guestlinkd restarts",
+		        s->wal_path);
+		return -EIO;
+	}
 	rc = run(s, s->st[ST_BEGIN], "begin");
 	if (rc != SQLITE_OK)
 		return map_rc(s, rc);
@@ -636,6 +680,34 @@ fail:
 		memcpy(s->base.errmsg, keep, sizeof(keep));
 	}
 	return r;
+}
+
+static int sq_sync(gl_store *base)
+{
+	sq_store *s = (sq_store *)base;
+	int e;
+
+	if (__atomic_load_n(&s->broken, __ATOMIC_ACQUIRE)) {
+		set_err(s, "%s: a sync failed earlier; no writes until guestlinkd restarts",
+		        s->wal_path);
+		return -EIO;
+	}
+	if (fdatasync(s->wal_fd) == 0)
+		return 0;
+	/* The kernel may have dropped the pages it could not write: a retry
+	 * would succeed and prove nothing. */
+	e = errno;
+	__atomic_store_n(&s->broken, 1, __ATOMIC_RELEASE);
+	set_err(s, "%s: fdatasync failed: %s; no writes until guestlinkd restarts", s->wal_path,
+	        strerror(e));
+	return e == ENOSPC || e == EDQUOT ? -ENOSPC : -EIO;
+}
+
+static int sq_commit(gl_store *base, const gl_sop *ops, size_t n)
+{
+	int r = sq_write(base, ops, n);
+
+	return r ? r : sq_sync(base);
 }
 
 /* ---- load ---------------------------------------------------------------- */
@@ -749,6 +821,8 @@ static void sq_close(gl_store *base)
 
 static const gl_store_ops sq_ops = {
 	.commit = sq_commit,
+	.write = sq_write,
+	.sync = sq_sync,
 	.load = sq_load,
 	.close = sq_close,
 };

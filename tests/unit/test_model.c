@@ -1,7 +1,9 @@
 /* The model: commit pipeline, overlay staging, events, subscribers,
  * persistence through the SQLite store. */
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "core/model.h"
@@ -31,12 +33,45 @@ static gl_model *open_fake(const gl_limits *lim)
 	char err[256];
 	gl_model *m;
 
-	memset(&fstore, 0, sizeof(fstore));
-	fstore.base.ops = &fake_ops;
+	fake_store_reset(&fstore);
 	ck_assert_int_eq(uv_loop_init(&loop), 0);
 	m = gl_model_open(&loop, &fstore.base, lim, err, sizeof(err));
 	ck_assert_msg(m != NULL, "%s", err);
 	return m;
+}
+
+/* The same over the split store (write, then sync), which the model
+ * pipelines. */
+static gl_model *open_split(void)
+{
+	char err[256];
+	gl_model *m;
+
+	fake_store_reset(&fstore);
+	fstore.base.ops = &fake_split_ops;
+	ck_assert_int_eq(uv_loop_init(&loop), 0);
+	m = gl_model_open(&loop, &fstore.base, NULL, err, sizeof(err));
+	ck_assert_msg(m != NULL, "%s", err);
+	return m;
+}
+
+/* Turn the loop until the split store has seen `n` writes (5 s at most). */
+static void run_until_writes(int n)
+{
+	for (int k = 0; k < 5000 && fake_count(&fstore, &fstore.commits) < n; k++) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		usleep(1000);
+	}
+	ck_assert_int_eq(fake_count(&fstore, &fstore.commits), n);
+}
+
+/* Turn the loop for about `ms` milliseconds. */
+static void run_for(int ms)
+{
+	for (int k = 0; k < ms; k++) {
+		uv_run(&loop, UV_RUN_NOWAIT);
+		usleep(1000);
+	}
 }
 
 static void close_all(gl_model *m)
@@ -404,6 +439,172 @@ START_TEST(store_failure_changes_nothing)
 }
 END_TEST
 
+/* ---- the pipeline (a store with separate write and sync) ----------------- */
+
+/* A batch is written while the one before it is still syncing, staged over
+ * it; neither is seen, evented or answered before both are durable. */
+START_TEST(pipeline_stages_over_unsynced)
+{
+	gl_model *m = open_split();
+	gl_sub *s;
+	done a = {0}, b = {0};
+	char line[512];
+	uint64_t seq = 0;
+
+	do_ok(m, GL_OP_CREATE, "c1", NULL, NULL);
+	s = gl_sub_new(m, gl_model_find(m, "c1"), GL_EV_ALL, NULL, NULL);
+	fake_hold(&fstore, true);
+	submit(m, GL_OP_CONFIG_SET, "c1", "user.a", "1", &a);
+	run_until_writes(2);
+	submit(m, GL_OP_CONFIG_SET, "c1", "user.a", "2", &b);
+	run_until_writes(3); /* written while the first is held in its sync */
+	run_for(20);
+	ck_assert_int_eq(a.calls + b.calls, 0);
+	ck_assert_ptr_null(gl_instance_config_get(gl_model_find(m, "c1"), "user.a", 6));
+	ck_assert_ptr_null(gl_sub_peek(s));
+	fake_hold(&fstore, false);
+	settle();
+	ck_assert_int_eq(a.calls, 1);
+	ck_assert_int_eq(a.status, 0);
+	ck_assert_int_eq(b.calls, 1);
+	ck_assert_int_eq(b.status, 0);
+	ck_assert_str_eq(gl_instance_config_get(gl_model_find(m, "c1"), "user.a", 6)->value, "2");
+	/* the second was staged over the first: its old value is "1" */
+	ck_assert_str_eq(meta_of(next_line(s, line, sizeof(line), &seq)),
+			 "\"metadata\":{\"key\":\"user.a\",\"old_value\":\"\",\"value\":\"1\"}}\n");
+	ck_assert_uint_eq(seq, 2);
+	ck_assert_str_eq(meta_of(next_line(s, line, sizeof(line), &seq)),
+			 "\"metadata\":{\"key\":\"user.a\",\"old_value\":\"1\",\"value\":\"2\"}}\n");
+	ck_assert_uint_eq(seq, 3);
+	gl_sub_free(s);
+	close_all(m);
+}
+END_TEST
+
+/* A batch staged over one whose sync then fails fails with it, even though
+ * its own sync worked: nothing of either is applied or evented. */
+START_TEST(pipeline_sync_failure_fails_later_batches)
+{
+	gl_model *m = open_split();
+	gl_sub *s;
+	done a = {0}, b = {0}, c = {0};
+
+	do_ok(m, GL_OP_CREATE, "c1", NULL, NULL);
+	s = gl_sub_new(m, gl_model_find(m, "c1"), GL_EV_ALL, NULL, NULL);
+	fake_hold(&fstore, true);
+	fstore.fail = -EIO;
+	fstore.fail_sync_at = 2; /* the first batch below */
+	submit(m, GL_OP_CONFIG_SET, "c1", "user.a", "1", &a);
+	run_until_writes(2);
+	submit(m, GL_OP_CONFIG_SET, "c1", "user.b", "1", &b);
+	run_until_writes(3);
+	fake_hold(&fstore, false);
+	settle();
+	ck_assert_int_eq(fake_count(&fstore, &fstore.syncs), 3);
+	ck_assert_int_eq(a.status, -EIO);
+	ck_assert_int_eq(b.calls, 1);
+	ck_assert_int_eq(b.status, -EIO);
+	ck_assert_ptr_null(gl_instance_config_get(gl_model_find(m, "c1"), "user.a", 6));
+	ck_assert_ptr_null(gl_instance_config_get(gl_model_find(m, "c1"), "user.b", 6));
+	ck_assert_ptr_null(gl_sub_peek(s));
+	ck_assert_uint_eq(gl_instance_seq(gl_model_find(m, "c1")), 1);
+	/* what comes after is staged on the durable state again */
+	submit(m, GL_OP_CONFIG_UNSET, "c1", "user.a", NULL, &c);
+	settle();
+	ck_assert_int_eq(c.status, -ENOENT);
+	do_ok(m, GL_OP_CONFIG_SET, "c1", "user.a", "x");
+	ck_assert_uint_eq(gl_sub_peek(s)->seq, 2);
+	gl_sub_free(s);
+	close_all(m);
+}
+END_TEST
+
+/* A batch whose write failed is not part of the overlay of the next one. */
+START_TEST(pipeline_failed_write_not_staged_over)
+{
+	gl_model *m = open_split();
+	done a = {0}, b = {0};
+
+	do_ok(m, GL_OP_CREATE, "c1", NULL, NULL);
+	fake_hold(&fstore, true);
+	fstore.fail = -ENOSPC;
+	fstore.fail_write_at = 2;
+	submit(m, GL_OP_CONFIG_SET, "c1", "user.a", "1", &a);
+	run_until_writes(2);
+	submit(m, GL_OP_CONFIG_UNSET, "c1", "user.a", NULL, &b);
+	run_for(20);
+	fake_hold(&fstore, false);
+	settle();
+	ck_assert_int_eq(a.status, -ENOSPC);
+	ck_assert_int_eq(b.status, -ENOENT); /* user.a never existed */
+	close_all(m);
+}
+END_TEST
+
+/* At most MAX_INFLIGHT (4) batches are written and unsynced; the next
+ * waits, and every op is answered in order once the syncs go through. */
+START_TEST(pipeline_bounded_and_ordered)
+{
+	gl_model *m = open_split();
+	done d[6] = {{0}};
+	char key[32];
+
+	do_ok(m, GL_OP_CREATE, "c1", NULL, NULL);
+	fake_hold(&fstore, true);
+	for (int k = 0; k < 6; k++) {
+		snprintf(key, sizeof(key), "user.k%d", k);
+		submit(m, GL_OP_CONFIG_SET, "c1", key, "v", &d[k]);
+		if (k < 4)
+			run_until_writes(k + 2);
+	}
+	run_for(50);
+	ck_assert_int_eq(fake_count(&fstore, &fstore.commits), 5); /* 1 + 4 */
+	fake_hold(&fstore, false);
+	settle();
+	for (int k = 0; k < 6; k++) {
+		ck_assert_int_eq(d[k].calls, 1);
+		ck_assert_int_eq(d[k].status, 0);
+	}
+	ck_assert_uint_eq(gl_instance_seq(gl_model_find(m, "c1")), 7);
+	close_all(m);
+}
+END_TEST
+
+/* Closing with batches in flight waits for them and answers them in order. */
+static int close_order[3], close_n;
+
+static void order_cb(void *arg, int status)
+{
+	close_order[close_n++] = (int)(intptr_t)arg * (status ? -1 : 1);
+}
+
+START_TEST(pipeline_close_reports_in_order)
+{
+	gl_model *m = open_split();
+	gl_op op = {.kind = GL_OP_CONFIG_SET, .instance = "c1", .ilen = 2, .key = "user.a",
+		    .klen = 6, .value = "v", .vlen = 1};
+
+	do_ok(m, GL_OP_CREATE, "c1", NULL, NULL);
+	close_n = 0;
+	fake_hold(&fstore, true);
+	ck_assert_int_eq(gl_model_submit(m, &op, order_cb, (void *)(intptr_t)1), 0);
+	run_until_writes(2);
+	op.key = "user.b";
+	ck_assert_int_eq(gl_model_submit(m, &op, order_cb, (void *)(intptr_t)2), 0);
+	run_until_writes(3);
+	op.key = "user.c";
+	ck_assert_int_eq(gl_model_submit(m, &op, order_cb, (void *)(intptr_t)3), 0);
+	fake_hold(&fstore, false);
+	gl_model_close(m); /* the third is still queued: cancelled */
+	ck_assert_int_eq(close_n, 3);
+	ck_assert_int_eq(close_order[0], 1);
+	ck_assert_int_eq(close_order[1], 2);
+	ck_assert_int_eq(close_order[2], -3);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	ck_assert_int_eq(uv_loop_close(&loop), 0);
+}
+END_TEST
+
 START_TEST(slow_subscriber_dropped)
 {
 	gl_limits lim;
@@ -704,6 +905,11 @@ static Suite *model_suite(void)
 	tcase_add_test(t, event_shapes);
 	tcase_add_test(t, state_and_guest_state);
 	tcase_add_test(t, store_failure_changes_nothing);
+	tcase_add_test(t, pipeline_stages_over_unsynced);
+	tcase_add_test(t, pipeline_sync_failure_fails_later_batches);
+	tcase_add_test(t, pipeline_failed_write_not_staged_over);
+	tcase_add_test(t, pipeline_bounded_and_ordered);
+	tcase_add_test(t, pipeline_close_reports_in_order);
 	tcase_add_test(t, slow_subscriber_dropped);
 	tcase_add_test(t, delete_ends_subscribers);
 	tcase_add_test(t, resume_since);

@@ -3,6 +3,7 @@
  * and disk-full mapping. */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -351,6 +352,76 @@ START_TEST(survives_crash)
 
 	d = reopen_dump(tmp);
 	ck_assert_str_eq(d, "I c1 container Started 0 0 - 0 - 1 1\nC c1 user.a 31 2\nS c1 9\n");
+	free(d);
+
+	unit_rmrf(tmp);
+	free(tmp);
+}
+END_TEST
+
+/* write() and sync() on two threads at once, as the model's pipeline runs
+ * them: after the last sync returned, a process that dies without closing
+ * loses none of the writes. */
+typedef struct syncer {
+	gl_store *s;
+	volatile int stop;
+	int syncs, failed;
+} syncer;
+
+static void *sync_loop(void *arg)
+{
+	syncer *y = arg;
+
+	while (!y->stop) {
+		if (y->s->ops->sync(y->s) != 0)
+			y->failed++;
+		y->syncs++;
+	}
+	return NULL;
+}
+
+START_TEST(write_and_sync_overlap)
+{
+	char *tmp = unit_tmpdir();
+	int status;
+	pid_t pid;
+	char *d, *line;
+	int n = 0;
+
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		gl_irow c1 = irow("c1", "container", "Started", 1);
+		gl_sop first = {.kind = GL_SOP_INSTANCE_PUT, .irow = &c1};
+		syncer y = {0};
+		pthread_t t;
+		char key[32];
+		char err[512];
+
+		if (gl_store_sqlite_open(tmp, &y.s, err, sizeof(err)) != 0 || !y.s->ops->write ||
+		    !y.s->ops->sync || y.s->ops->write(y.s, &first, 1) != 0 ||
+		    pthread_create(&t, NULL, sync_loop, &y) != 0)
+			_exit(1);
+		for (int k = 0; k < 300; k++) {
+			gl_sop op = CFG_PUT("c1", key, "v", 2);
+
+			snprintf(key, sizeof(key), "user.k%03d", k);
+			if (y.s->ops->write(y.s, &op, 1) != 0)
+				_exit(2);
+		}
+		y.stop = 1;
+		pthread_join(t, NULL);
+		if (y.failed || y.s->ops->sync(y.s) != 0)
+			_exit(3);
+		_exit(0); /* no close, no checkpoint */
+	}
+	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+
+	d = reopen_dump(tmp);
+	for (line = strstr(d, "C c1 user.k"); line; line = strstr(line + 1, "C c1 user.k"))
+		n++;
+	ck_assert_int_eq(n, 300);
 	free(d);
 
 	unit_rmrf(tmp);
@@ -827,6 +898,7 @@ static Suite *store_suite(void)
 	tcase_add_test(tc, create_commit_reload);
 	tcase_add_test(tc, open_needs_parent);
 	tcase_add_test(tc, survives_crash);
+	tcase_add_test(tc, write_and_sync_overlap);
 	tcase_add_test(tc, load_stops_on_callback);
 	tcase_add_test(tc, empty_file_is_new);
 	suite_add_tcase(s, tc);
