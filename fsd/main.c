@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -205,11 +207,13 @@ static void unescape(char *s)
 	*w = '\0';
 }
 
-/* True if /proc/self/mountinfo lists a guestlink FUSE mount on path. */
-static bool guestlink_mounted(const char *path)
+/* True if /proc/self/mountinfo lists a guestlink FUSE mount on path; its
+ * device number in *dev (the name of its fusectl directory). */
+static bool guestlink_mount(const char *path, unsigned long *dev)
 {
 	FILE *f = fopen("/proc/self/mountinfo", "re");
-	char *line = NULL, *mp, *sep, *fstype, *source, *save;
+	char *line = NULL, *mp, *sep, *fstype, *source, *devs, *save;
+	unsigned int major, minor;
 	size_t cap = 0;
 	bool found = false;
 	int i;
@@ -219,9 +223,13 @@ static bool guestlink_mounted(const char *path)
 	while (!found && getline(&line, &cap, f) > 0) {
 		/* id parent maj:min root mountpoint opts [optional...] - fstype source superopts */
 		mp = strtok_r(line, " ", &save);
-		for (i = 0; mp && i < 4; i++)
+		devs = NULL;
+		for (i = 0; mp && i < 4; i++) {
 			mp = strtok_r(NULL, " ", &save);
-		if (!mp)
+			if (i == 1)
+				devs = mp;
+		}
+		if (!mp || !devs)
 			continue;
 		sep = strtok_r(NULL, " ", &save);
 		while (sep && strcmp(sep, "-") != 0)
@@ -234,10 +242,145 @@ static bool guestlink_mounted(const char *path)
 		unescape(source);
 		found = strcmp(mp, path) == 0 && strcmp(fstype, "fuse.guestlink") == 0 &&
 		        strcmp(source, "guestlink") == 0;
+		/* the kernel's own dev_t: 12 bits of major above 20 of minor */
+		if (found && dev)
+			*dev = sscanf(devs, "%u:%u", &major, &minor) == 2
+			               ? (unsigned long)major << 20 | minor
+			               : 0;
 	}
 	free(line);
 	fclose(f);
 	return found;
+}
+
+static bool guestlink_mounted(const char *path)
+{
+	return guestlink_mount(path, NULL);
+}
+
+/* mnt made absolute without looking at the file system: nothing on the
+ * way may be asked, a stuck mount would never answer. */
+static int lexical_path(const char *mnt, char *out, size_t len)
+{
+	char buf[PATH_MAX], *tok, *save;
+	size_t n = 0;
+
+	if (mnt[0] == '/') {
+		if (strlen(mnt) >= sizeof(buf))
+			return -ENAMETOOLONG;
+		strcpy(buf, mnt);
+	} else {
+		if (!getcwd(buf, sizeof(buf)))
+			return -errno;
+		if (strlen(buf) + strlen(mnt) + 2 > sizeof(buf))
+			return -ENAMETOOLONG;
+		strcat(buf, "/");
+		strcat(buf, mnt);
+	}
+	out[0] = '\0';
+	for (tok = strtok_r(buf, "/", &save); tok; tok = strtok_r(NULL, "/", &save)) {
+		if (strcmp(tok, ".") == 0)
+			continue;
+		if (strcmp(tok, "..") == 0) {
+			while (n > 0 && out[--n] != '/')
+				;
+			out[n] = '\0';
+			continue;
+		}
+		if (n + strlen(tok) + 2 > len)
+			return -ENAMETOOLONG;
+		out[n++] = '/';
+		strcpy(out + n, tok);
+		n += strlen(tok);
+	}
+	if (n == 0)
+		strcpy(out, "/");
+	return 0;
+}
+
+/* Is process pid exiting: its main thread gone, some other thread not? */
+static bool exiting(long pid)
+{
+	char path[64], buf[512], *st;
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return false;
+	buf[n] = '\0';
+	st = strrchr(buf, ')');
+	return st && st[1] == ' ' && (st[2] == 'Z' || st[2] == 'X');
+}
+
+/* Abort the FUSE connection `dev` through fusectl (mounted if need be). */
+static int abort_connection(unsigned long dev)
+{
+	const char *dir = "/sys/fs/fuse/connections";
+	char path[96];
+	int fd, r;
+
+	snprintf(path, sizeof(path), "%s/%lu/abort", dir, dev);
+	fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT && mount("fusectl", dir, "fusectl", 0, NULL) == 0)
+		fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	r = write(fd, "1", 1) == 1 ? 0 : -errno;
+	close(fd);
+	return r;
+}
+
+/* A guestlinkd killed (kill -9) while a thread of it waited in the kernel
+ * for a directory lock of its own mount, held by a client that waits for
+ * the answer of the dead loop thread, cannot finish exiting: that thread
+ * cannot be killed, it keeps /dev/fuse open, so the connection lives on
+ * without a server and the client (and anyone who looks at the mount, this
+ * daemon's stat() included) waits forever. It still holds the state
+ * directory's lock. Abort the connection of the guestlink mount on `mnt`:
+ * the waiting client gets an error, the thread returns, the old process
+ * ends and its lock is released. */
+static void recover_stuck_predecessor(const char *state_dir, const char *mnt)
+{
+	char path[PATH_MAX], buf[32];
+	unsigned long dev = 0;
+	ssize_t n;
+	long pid;
+	int fd, i, r;
+
+	if (snprintf(path, sizeof(path), "%s/guestlink.lock", state_dir) >= (int)sizeof(path))
+		return;
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return;
+	if (flock(fd, LOCK_EX | LOCK_NB) == 0)
+		goto out; /* nobody holds it (closing the descriptor releases it) */
+	n = pread(fd, buf, sizeof(buf) - 1, 0);
+	buf[n > 0 ? n : 0] = '\0';
+	pid = strtol(buf, NULL, 10);
+	if (pid <= 0 || !exiting(pid))
+		goto out; /* alive: the store refuses the busy directory */
+	if (lexical_path(mnt, path, sizeof(path)) < 0 || !guestlink_mount(path, &dev) || !dev) {
+		log_warn("guestlinkd pid %ld is exiting but still holds %s; no guestlink mount on "
+		         "%s to abort", pid, state_dir, mnt);
+		goto out;
+	}
+	log_warn("guestlinkd pid %ld was killed but cannot finish exiting (a thread waits on "
+	         "its mount %s): aborting that mount's FUSE connection", pid, path);
+	r = abort_connection(dev);
+	if (r < 0) {
+		log_warn("cannot abort FUSE connection %lu: %s", dev, strerror(-r));
+		goto out;
+	}
+	for (i = 0; i < 100 && flock(fd, LOCK_EX | LOCK_NB) < 0; i++)
+		usleep(50 * 1000);
+out:
+	close(fd);
 }
 
 /* A daemon that died leaves its mount answering ENOTCONN: detach it. */
@@ -513,6 +656,7 @@ int main(int argc, char **argv)
 
 	if (ensure_dir("state directory", state_dir, 0700) < 0)
 		return 1;
+	recover_stuck_predecessor(state_dir, mnt);
 	err[0] = '\0';
 	r = gl_store_sqlite_open(state_dir, &d.store, err, sizeof(err));
 	if (r < 0) {

@@ -82,6 +82,13 @@ def _teardown(daemons):
                     problems.append(f"guestlinkd {d.base}: exit status {rc} on SIGTERM")
                 elif glutil.is_mounted(d.mnt):
                     problems.append(f"guestlinkd {d.base}: exited 0 but {d.mnt} is still mounted")
+        if d.stuck:
+            problems.append(f"guestlinkd {d.base}: {len(d.stuck)} daemon(s) killed with -9 "
+                            f"could not finish exiting and no new daemon freed them")
+            glutil.abort_mount(d.mnt)
+            for p in d.stuck:
+                p.wait(glutil.STOP_TIMEOUT)
+            d.stuck.clear()
         if glutil.is_mounted(d.mnt):
             subprocess.run(["umount", "-l", d.mnt], capture_output=True)
         for path in d.logs:

@@ -86,8 +86,10 @@ def _unescape_mountinfo(s):
 
 def mount_entries(path):
     """Mount-table entries whose mount point is `path` (dead ones included,
-    which os.path.ismount cannot see: stat fails with ENOTCONN)."""
-    path = os.path.realpath(path)
+    which os.path.ismount cannot see: stat fails with ENOTCONN). The mount
+    point itself is never looked at: a stuck mount would never answer."""
+    path = os.path.abspath(path)
+    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -100,6 +102,28 @@ def mount_entries(path):
 
 def is_mounted(path):
     return bool(mount_entries(path))
+
+
+def abort_mount(path):
+    """Abort the FUSE connection of the mount on `path` (fusectl): every
+    request waiting on it fails at once. True if there was one."""
+    path = os.path.abspath(path)
+    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    conns = "/sys/fs/fuse/connections"
+    with open("/proc/self/mountinfo") as f:
+        devs = [line.split()[2] for line in f if _unescape_mountinfo(line.split()[4]) == path]
+    if not devs:
+        return False
+    if not os.listdir(conns):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", conns], capture_output=True)
+    for dev in devs:
+        major, minor = (int(x) for x in dev.split(":"))
+        try:
+            with open(f"{conns}/{major << 20 | minor}/abort", "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+    return True
 
 
 def errno_of(fn, *args, **kw):
@@ -207,6 +231,7 @@ class Guestlinkd:
         self.args = list(args)
         self.proc = None
         self.logs = []
+        self.stuck = []  # killed daemons still exiting (see kill9)
         self.log_path = None
         self.expect_dead = False
 
@@ -254,7 +279,21 @@ class Guestlinkd:
         self.expect_dead = False
         if wait:
             self.wait_mounted()
+            self.reap_stuck()
         return self
+
+    def reap_stuck(self, timeout=10):
+        """A daemon that kill9() left exiting must be gone once the next one
+        is up (guestlinkd aborts its predecessor's stuck connection)."""
+        while self.stuck:
+            p = self.stuck[0]
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"guestlinkd pid {p.pid}, killed with -9, still exists "
+                                     f"{timeout}s after the next daemon started:\n"
+                                     f"{self.log()}") from None
+            self.stuck.pop(0)
 
     def wait_mounted(self, timeout=MOUNT_TIMEOUT):
         deadline = time.monotonic() + timeout
@@ -295,11 +334,21 @@ class Guestlinkd:
         assert not is_mounted(self.mnt), f"{self.mnt} still mounted after SIGTERM"
         return self.start(*extra)
 
-    def kill9(self):
-        """SIGKILL: the mount is left behind, dead (ENOTCONN)."""
+    def kill9(self, timeout=5):
+        """SIGKILL: the mount is left behind, dead (ENOTCONN). Returns False
+        when the process could not finish exiting within `timeout`: killed
+        while a thread of it waited in the kernel for a lock of its own
+        mount (held by a client waiting for the dead loop). Then it is
+        remembered, and start() checks that the next daemon frees it."""
         self.proc.kill()
-        self.proc.wait()
         self.expect_dead = True
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            self.stuck.append(self.proc)
+            self.proc = None
+            return False
 
     def log(self, which=-1):
         if not self.logs:
