@@ -578,13 +578,19 @@ static int write_value(fs_fh *fh, const char *data, size_t size, off_t off)
 	if ((size_t)off < old_len) {
 		keep = old_len - off < size ? old_len - off : size;
 		saved = malloc(keep);
-		if (!saved)
+		if (!saved) {
+			/* refused: nothing of this open file may be committed, not
+			 * even the truncation its open made */
+			fh->failed = -ENOMEM;
 			return -ENOMEM;
+		}
 		memcpy(saved, b->data + off, keep);
 	}
 	r = buf_put(b, data, size, off);
-	if (r < 0)
+	if (r < 0) {
+		fh->failed = r;
 		goto out;
+	}
 	vlen = b->len;
 	if (vlen > 0 && b->data[vlen - 1] == '\n')
 		vlen--;
