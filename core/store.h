@@ -39,6 +39,10 @@ typedef enum gl_sop_kind {
 	                        fewer than GL_STORE_EVENT_PRUNE_EVERY older ones */
 } gl_sop_kind;
 
+/* The state directory's lock file, flock()ed by the open store; it holds
+ * the owner's pid (guestlinkd reads it to find a predecessor stuck exiting). */
+#define GL_STORE_LOCK_NAME "guestlink.lock"
+
 #define GL_STORE_EVENT_HISTORY 1024
 #define GL_STORE_EVENT_PRUNE_EVERY 64
 

@@ -174,7 +174,7 @@ static int take_lock(sq_store *s, const char *dir)
 	long pid;
 	int fd, r, len;
 
-	len = snprintf(path, sizeof(path), "%s/guestlink.lock", dir);
+	len = snprintf(path, sizeof(path), "%s/" GL_STORE_LOCK_NAME, dir);
 	if (len < 0 || (size_t)len >= sizeof(path)) {
 		set_err(s, "state directory path too long: %s", dir);
 		return -ENAMETOOLONG;

@@ -353,7 +353,7 @@ static void recover_stuck_predecessor(const char *state_dir, const char *mnt)
 	long pid;
 	int fd, i, r;
 
-	if (snprintf(path, sizeof(path), "%s/guestlink.lock", state_dir) >= (int)sizeof(path))
+	if (snprintf(path, sizeof(path), "%s/" GL_STORE_LOCK_NAME, state_dir) >= (int)sizeof(path))
 		return;
 	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd < 0)
