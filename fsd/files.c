@@ -568,8 +568,10 @@ static int write_value(fs_fh *fh, const char *data, size_t size, off_t off)
 		return fh->failed;
 	if (fh->append)
 		off = b->len;
-	if (off < 0 || (size_t)off > b->len)
-		return -EINVAL; /* a value has no holes */
+	if (off < 0 || (size_t)off > b->len) {
+		fh->failed = -EINVAL; /* a value has no holes */
+		return -EINVAL;
+	}
 	if ((size_t)off + size > max_value(fs) + 1) {
 		fh->failed = -EFBIG;
 		return -EFBIG;

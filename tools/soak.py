@@ -71,6 +71,8 @@ class Stats:
 
 ST = Stats()
 STOP = threading.Event()
+T0 = time.monotonic()
+EPISODES = []  # (time, what): kills, restarts, disk full and freed, for loss reports
 PROBLEMS = []
 
 
@@ -92,6 +94,7 @@ class Daemon:
     def start(self):
         with self.lock:
             self.gl.start()
+            EPISODES.append((time.monotonic() - T0, "started"))
             self.lives.append([])
             self.up.set()
 
@@ -99,6 +102,7 @@ class Daemon:
         with self.lock:
             self.up.clear()
             self.killing = True
+            EPISODES.append((time.monotonic() - T0, "kill -9"))
             if not self.gl.kill9():
                 # a thread waited on the mount: the next start frees it
                 ST.add("kills that left the daemon unable to exit (freed by the next start)")
@@ -140,16 +144,28 @@ class Ledger:
         self.lock = threading.Lock()
         self.acked = {}
         self.maybe = {}
+        self.history = {}  # key: the last few (time, what, value) for a report
+
+    def _note(self, key, what, value):
+        h = self.history.setdefault(key, [])
+        h.append((time.monotonic() - T0, what, value))
+        del h[:-8]
 
     def attempt(self, key, value):
         with self.lock:
             self.maybe.setdefault(key, set()).add(value)
+            self._note(key, "attempt", value)
 
     def ack(self, key, value):
         with self.lock:
             self.acked[key] = value
             self.maybe[key] = set()
+            self._note(key, "ack", value)
         ST.add("acknowledged writes")
+
+    def refused(self, key, err):
+        with self.lock:
+            self._note(key, "refused", err.strerror)
 
     def allowed(self, key):
         with self.lock:
@@ -511,6 +527,7 @@ def disk_filler(d, state, at, hold):
     except OSError:
         pass
     ST.add("disk-full episodes")
+    EPISODES.append((time.monotonic() - T0, "disk full"))
     big = "B" * (256 << 10)
     refused = 0
     t_end = time.monotonic() + hold
@@ -524,11 +541,13 @@ def disk_filler(d, state, at, hold):
                 f.write(big)
             LEDGER.ack(key, big)
         except OSError as e:
+            LEDGER.refused(key, e)
             if e.errno == 28:
                 refused += 1
                 ST.add("writes refused (No space left on device)")
         time.sleep(0.05)
     os.unlink(path)
+    EPISODES.append((time.monotonic() - T0, "disk freed"))
     if refused == 0:
         problem("the disk was full but no write was refused with ENOSPC")
 
@@ -540,6 +559,34 @@ def sampler(d):
 
 
 # ---- checks ------------------------------------------------------------------------------------
+
+def short(v):
+    return repr(v) if v is None or len(v) <= 24 else f"{v[:12]!r}... ({len(v)} bytes)"
+
+
+def explain_loss(db, inst, key):
+    """What the soak did to a lost key, and what the store's event history
+    says happened to it, for the report."""
+    lines = [f"  what {inst}/{key} went through (soak clock, s):"]
+    for t, what, v in LEDGER.history.get((inst, key), []):
+        lines.append(f"    {t:8.3f} {what} {short(v) if what != 'refused' else v}")
+    for t, what in EPISODES[-12:]:
+        lines.append(f"    {t:8.3f} [{what}]")
+    rows = db.execute("SELECT seq, line FROM events WHERE instance = ? ORDER BY seq", (inst,))
+    hits = []
+    for seq, line in rows:
+        try:
+            ev = json.loads(bytes(line))
+        except ValueError:
+            continue
+        md = ev.get("metadata", {})
+        if md.get("key") == key or md.get("config", {}).get("key") == key:
+            hits.append(f"    event {seq} at {ev.get('timestamp')}: "
+                        f"{short(json.dumps(md)[:200])}")
+    lines += ["  its events in the store:"] + (hits[-6:] or ["    none"])
+    PROBLEMS[-1] += "\n" + "\n".join(lines)
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
 
 def verify(d, cts, state):
     """Every acknowledged write, on every face."""
@@ -564,6 +611,7 @@ def verify(d, cts, state):
             lost += 1
             problem(f"{inst}/{key}: FUSE {str(fuse)[:80]!r}, store {str(store)[:80]!r}, acknowledged "
                     f"{str(LEDGER.acked[(inst, key)])[:80]!r} ({len(allowed)} values allowed)")
+            explain_loss(db, inst, key)
         by_inst.setdefault(inst, {})[key] = fuse
     # devlxd: one request per key from inside each container
     for inst, ct in cts.items():
@@ -711,6 +759,12 @@ def main():
         if d.gl.running:
             d.gl.stop(signal.SIGKILL)
         subprocess.run(["umount", "-l", d.gl.mnt], capture_output=True)
+        if PROBLEMS:
+            keep = os.path.join(os.path.dirname(a.report), "soak-logs")
+            os.makedirs(keep, exist_ok=True)
+            for log in d.gl.logs:
+                subprocess.run(["cp", log, keep], capture_output=True)
+            print(f"soak: daemon logs kept in {keep}", file=sys.stderr)
         subprocess.run(["umount", "-l", state], capture_output=True)
         subprocess.run(["rm", "-rf", base, sockdir, ctl_dir] + ([vm_work] if vm_work else []),
                        capture_output=True)
