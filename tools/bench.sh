@@ -232,6 +232,7 @@ run() {
 	fi
 	echo "  $out" >&2
 	RATE=$(value rate "$out")
+	BUSY=$(value cpu_busy "$out") || BUSY=
 	if ! value errors "$out" | grep -qx 0; then
 		FAILED=$((FAILED + 1))
 		RATE=
@@ -248,10 +249,11 @@ median() {
 
 # measure VAR "FSBENCH ARGS" [VAR "ARGS"]...: after a warm-up, BENCH_ROUNDS
 # rounds in which every command runs once for BENCH_SECS in turn; each VAR
-# gets its median rate. Taking turns spreads any disturbance (other load, a slow disk
+# gets its median rate, and VAR_cpu the median of how busy the CPUs were
+# (writers only). Taking turns spreads any disturbance (other load, a slow disk
 # moment) over all of them instead of one.
 measure() {
-	local -a names=() cmds=() rates=()
+	local -a names=() cmds=() rates=() busys=()
 	local i r
 	while [ $# -ge 2 ]; do
 		names+=("$1")
@@ -269,11 +271,14 @@ measure() {
 			# shellcheck disable=SC2086 # split on purpose: paths hold no blanks
 			run ${cmds[i]} "$SECS"
 			rates[i]="${rates[i]:-} ${RATE:--}"
+			busys[i]="${busys[i]:-} ${BUSY:--}"
 		done
 	done
 	for i in "${!names[@]}"; do
 		# shellcheck disable=SC2086
 		printf -v "${names[i]}" '%s' "$(median ${rates[i]})"
+		# shellcheck disable=SC2086
+		printf -v "${names[i]}_cpu" '%s' "$(median ${busys[i]})"
 	done
 }
 
@@ -312,11 +317,19 @@ DAEMON_OPTS=()
 if "$DAEMON" --help 2>/dev/null | grep -q -- --devlxd-socket; then
 	DAEMON_OPTS=(--devlxd-socket)
 fi
+# Nor on the system's control socket, nor AF_VSOCK: two of them run at once.
+EXTRA_OPTS=()
+if "$DAEMON" --help 2>/dev/null | grep -q -- --control-socket; then
+	EXTRA_OPTS+=(--control-socket none)
+fi
+if "$DAEMON" --help 2>/dev/null | grep -q -- --af-vsock; then
+	EXTRA_OPTS+=(--af-vsock off)
+fi
 # start_daemon STATE MNT: spawn guestlinkd.
 start_daemon() {
 	local sock=()
 	[ ${#DAEMON_OPTS[@]} -gt 0 ] && sock=("${DAEMON_OPTS[@]}" "$1.sock")
-	spawn "$2" "$DAEMON" --state-dir "$1" --mount "$2" "${sock[@]}"
+	spawn "$2" "$DAEMON" --state-dir "$1" --mount "$2" "${sock[@]}" "${EXTRA_OPTS[@]}"
 }
 
 # ---- 1. cat and stat -------------------------------------------------------
@@ -385,11 +398,32 @@ done
 
 RAW=$WORK/raw # same file system as the state dir
 mkdir -p "$RAW"
-w1="" r1="" w8="" r8=""
+# Context for the 8-writer figure: the same daemon with its state dir on
+# tmpfs, where fdatasync is free. What it reaches with 8 writers is the
+# ceiling that the FUSE round trips alone leave on this machine's CPUs.
+TMPFS=$WORK/tmpfs
+mkdir -p "$TMPFS"
+MOUNTS+=("$TMPFS")
+TMP_PID=
+if mount -t tmpfs -o size=256m guestlink-bench "$TMPFS"; then
+	mkdir -p "$TMPFS/state"
+	start_daemon "$TMPFS/state" "$WORK/gltmp"
+	TMP_PID=$SPAWN_PID
+	mkdir "$WORK/gltmp/c1" || die "mkdir $WORK/gltmp/c1 failed"
+else
+	echo "bench: cannot mount a tmpfs: no tmpfs context row" >&2
+fi
+w1="" r1="" w8="" r8="" w8t="" w16=""
+w1_cpu="" w8_cpu="" w8t_cpu=""
 echo "write, 1 writer (guestlink, raw fdatasync):" >&2
 measure w1 "write $GL_MNT/c1/config 1" r1 "fsync $RAW 1"
-echo "write, 8 writers (guestlink, raw fdatasync):" >&2
-measure w8 "write $GL_MNT/c1/config 8" r8 "fsync $RAW 8"
+echo "write, 8 writers (guestlink, raw fdatasync, guestlink on tmpfs, guestlink 16 writers):" >&2
+if [ -n "$TMP_PID" ]; then
+	measure w8 "write $GL_MNT/c1/config 8" r8 "fsync $RAW 8" w8t "write $WORK/gltmp/c1/config 8" \
+		w16 "write $GL_MNT/c1/config 16"
+else
+	measure w8 "write $GL_MNT/c1/config 8" r8 "fsync $RAW 8" w16 "write $GL_MNT/c1/config 16"
+fi
 if [ -n "$w1" ] && [ -n "$r1" ]; then
 	pct=$(calc "100 * $w1 / $r1")
 	verdict "$pct" ">=" 60
@@ -408,6 +442,23 @@ else
 		"NOT MEASURED"
 fi
 ratio_row "  context: raw fdatasync, 8 files" "$w8" "$r8" raw
+# xrow LABEL RATE: a rate beside the 1-writer rate, as a multiple.
+xrow() {
+	if [ -n "$2" ] && [ -n "$w1" ]; then
+		row "$1" "$(commas "$2") ops/s" "1 writer $(commas "$w1") ops/s" \
+			"$(printf %.1fx "$(calc "$2 / $w1")")" "" ""
+	fi
+}
+xrow "  context: 16 writers" "$w16"
+xrow "  context: 8 writers, state on tmpfs" "$w8t"
+if [ -n "$w1_cpu" ] && [ -n "$w8_cpu" ]; then
+	row "  context: CPUs busy, 1 / 8 writers" "${w1_cpu}% / ${w8_cpu}%" \
+		"tmpfs, 8 writers: ${w8t_cpu:-?}%" "" "" ""
+fi
+if [ -n "$TMP_PID" ]; then
+	stop_daemon "$TMP_PID" "$WORK/gltmp"
+	umount "$TMPFS"
+fi
 
 if [ -n "$PERF_DIR" ]; then
 	mkdir -p "$PERF_DIR"

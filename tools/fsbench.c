@@ -7,6 +7,9 @@
  *   fsbench write DIR NWRITERS SECONDS  N threads, thread i rewrites DIR/user.b<i>:
  *                                       open(O_WRONLY|O_CREAT|O_TRUNC), write
  *                                       "value-<n>\n", close; counts successful closes
+ *                                       (also prints lat_avg_us, the average time of
+ *                                       one loop, and cpu_busy, how busy the machine's
+ *                                       CPUs were, in %)
  *   fsbench fsync DIR NWRITERS SECONDS  the raw baseline: the same loop on plain files
  *                                       DIR/fsbench.<i>, with fdatasync before close
  *   fsbench spawn MNT TIMEOUT CMD ARGS...
@@ -81,14 +84,47 @@ static void report_error(const char *what, const char *path, int err)
 		fprintf(stderr, "fsbench: %s %s: %s\n", what, path, strerror(err));
 }
 
+/* The machine's CPU time so far, from the first line of /proc/stat, in
+ * clock ticks: all of it, and the part spent idle or waiting for I/O. */
+typedef struct cpu_ticks {
+	unsigned long long total, idle;
+} cpu_ticks;
+
+static bool read_cpu_ticks(cpu_ticks *t)
+{
+	unsigned long long v[8] = {0};
+	FILE *f = fopen("/proc/stat", "r");
+	int n;
+
+	if (!f)
+		return false;
+	n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
+	           &v[4], &v[5], &v[6], &v[7]);
+	fclose(f);
+	if (n < 5)
+		return false;
+	t->total = v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7];
+	t->idle = v[3] + v[4];
+	return true;
+}
+
+/* How busy the machine's CPUs were between a and b, in percent; -1 if
+ * unknown. */
+static double cpu_busy_pct(const cpu_ticks *a, const cpu_ticks *b)
+{
+	unsigned long long total = b->total - a->total, idle = b->idle - a->idle;
+
+	return total ? 100.0 * (double)(total - idle) / (double)total : -1.0;
+}
+
 static int print_result(const char *name, unsigned nthreads, uint64_t ops, uint64_t errors,
-                        double secs)
+                        double secs, double busy)
 {
 	if (nthreads)
 		printf("%s writers=%u ops=%" PRIu64 " secs=%.2f rate=%.1f errors=%" PRIu64
-		       " lat_avg_us=%.1f\n",
+		       " lat_avg_us=%.1f cpu_busy=%.0f\n",
 		       name, nthreads, ops, secs, (double)ops / secs, errors,
-		       ops ? secs * 1e6 * nthreads / (double)ops : 0.0);
+		       ops ? secs * 1e6 * nthreads / (double)ops : 0.0, busy);
 	else
 		printf("%s ops=%" PRIu64 " secs=%.2f rate=%.1f errors=%" PRIu64 "\n", name, ops, secs,
 		       (double)ops / secs, errors);
@@ -154,7 +190,7 @@ static int run_loop(const char *name, const char *path, double secs, int (*op)(c
 			errors++;
 		elapsed = now_s() - start;
 	} while (start + elapsed < end);
-	return print_result(name, 0, ops, errors, elapsed);
+	return print_result(name, 0, ops, errors, elapsed, -1.0);
 }
 
 /* ---- write / fsync ----------------------------------------------------- */
@@ -226,7 +262,9 @@ static int run_writers(const char *name, const char *dir, unsigned nw, double se
 	writer *ws;
 	uint64_t ops = 0, errors = 0;
 	struct timespec ts;
-	double start, elapsed;
+	double start, elapsed, busy = -1.0;
+	cpu_ticks t0, t1;
+	bool have_ticks;
 	unsigned i, started = 0;
 	int ret = 1;
 
@@ -252,6 +290,7 @@ static int run_writers(const char *name, const char *dir, unsigned nw, double se
 	}
 	pthread_barrier_wait(&start_barrier);
 	start = now_s();
+	have_ticks = read_cpu_ticks(&t0);
 	ts.tv_sec = (time_t)secs;
 	ts.tv_nsec = (long)((secs - (double)ts.tv_sec) * 1e9);
 	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
@@ -264,7 +303,9 @@ static int run_writers(const char *name, const char *dir, unsigned nw, double se
 	}
 	/* Ops in flight at the stop finish and are counted, so is their time. */
 	elapsed = now_s() - start;
-	ret = print_result(name, nw, ops, errors, elapsed);
+	if (have_ticks && read_cpu_ticks(&t1))
+		busy = cpu_busy_pct(&t0, &t1);
+	ret = print_result(name, nw, ops, errors, elapsed, busy);
 	pthread_barrier_destroy(&start_barrier);
 	free(ws);
 	return ret;
