@@ -120,6 +120,7 @@ typedef struct batch {
 	int wstatus; /* the write's result, once written */
 	int status;  /* the whole result, once done */
 	bool written, done;
+	char err[256]; /* the store's message, when the write or sync failed */
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	/* loop thread only */
@@ -1632,6 +1633,9 @@ static void batch_work(uv_work_t *w)
 		uv_async_send(&m->written);
 	if (!r && b->nsops && split)
 		r = s->ops->sync(s);
+	/* now, before another batch's write or sync may overwrite it */
+	if (r)
+		gl_store_err(s, b->err, sizeof(b->err));
 	pthread_mutex_lock(&b->lock);
 	b->status = r;
 	b->done = true;
@@ -1778,7 +1782,7 @@ static void batch_report(gl_model *m, batch *b)
 	if (status) {
 		if (!b->fail)
 			fprintf(stderr, "guestlinkd: error: store commit failed: %s\n",
-				m->store->errmsg);
+				b->err[0] ? b->err : strerror(-status));
 		/* Written but not durable: the batches staged over this one
 		 * assumed it, so they fail with it. b was taken off the list
 		 * first: what is left there is every batch staged after it. */

@@ -93,8 +93,17 @@ typedef struct gl_store_ops {
 
 struct gl_store {
 	const gl_store_ops *ops;
-	char errmsg[512]; /* why the last open/load/commit failed, for logs */
+	/* Why the last open/load/write/sync failed, for logs. The write and
+	 * the sync of two batches run on two threads: set it with
+	 * gl_store_set_err() and read it with gl_store_err() from any thread
+	 * but the one that opened the store. */
+	char errmsg[512];
 };
+
+/* Set s->errmsg (printf format), under a lock shared by every store. */
+__attribute__((format(printf, 2, 3))) void gl_store_set_err(gl_store *s, const char *fmt, ...);
+/* Copy s->errmsg into out (always NUL-terminated), under that lock. */
+void gl_store_err(gl_store *s, char *out, size_t len);
 
 /* Open (creating if absent) the SQLite store in directory `dir`
  * (`dir`/guestlink.db, WAL mode; sync() is one fdatasync of the WAL, which

@@ -107,11 +107,13 @@ static const gl_store_ops sq_ops;
 
 __attribute__((format(printf, 2, 3))) static void set_err(sq_store *s, const char *fmt, ...)
 {
+	char msg[sizeof(s->base.errmsg)];
 	va_list ap;
 
 	va_start(ap, fmt);
-	vsnprintf(s->base.errmsg, sizeof(s->base.errmsg), fmt, ap);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
+	gl_store_set_err(&s->base, "%s", msg);
 }
 
 /* -errno for a failed SQLite call: disk full is the one failure callers act on. */
@@ -675,9 +677,9 @@ fail:
 	if (!sqlite3_get_autocommit(s->db)) {
 		char keep[sizeof(s->base.errmsg)];
 
-		memcpy(keep, s->base.errmsg, sizeof(keep));
+		gl_store_err(&s->base, keep, sizeof(keep));
 		run(s, s->st[ST_ROLLBACK], "rollback");
-		memcpy(s->base.errmsg, keep, sizeof(keep));
+		gl_store_set_err(&s->base, "%s", keep);
 	}
 	return r;
 }

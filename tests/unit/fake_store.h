@@ -43,7 +43,7 @@ static inline int fake_commit(gl_store *s, const gl_sop *ops, size_t n)
 	f->commits++;
 	f->last_n = n;
 	if (f->fail) /* as a real store does: say why, for the model's log line */
-		snprintf(s->errmsg, sizeof(s->errmsg), "fake store: %s", strerror(-f->fail));
+		gl_store_set_err(s, "fake store: %s", strerror(-f->fail));
 	return f->fail;
 }
 
@@ -71,7 +71,7 @@ static inline int fake_write(gl_store *s, const gl_sop *ops, size_t n)
 	fake_thread_write = f->commits;
 	if (f->commits == f->fail_write_at) {
 		r = f->fail;
-		snprintf(s->errmsg, sizeof(s->errmsg), "fake store: write: %s", strerror(-r));
+		gl_store_set_err(s, "fake store: write: %s", strerror(-r));
 	}
 	pthread_mutex_unlock(&f->lock);
 	return r;
@@ -88,7 +88,7 @@ static inline int fake_sync(gl_store *s)
 	f->syncs++;
 	if (fake_thread_write == f->fail_sync_at) {
 		r = f->fail;
-		snprintf(s->errmsg, sizeof(s->errmsg), "fake store: sync: %s", strerror(-r));
+		gl_store_set_err(s, "fake store: sync: %s", strerror(-r));
 	}
 	pthread_mutex_unlock(&f->lock);
 	return r;

@@ -5,6 +5,8 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -889,6 +891,54 @@ START_TEST(disk_full_is_enospc)
 }
 END_TEST
 
+/* The write of one batch and the sync of another run on two threads, and
+ * either may set the message while the loop reads it: a copy is always
+ * one whole message, never a mix. */
+static atomic_bool err_stop;
+
+static void *err_setter(void *arg)
+{
+	gl_store *st = arg;
+	char a[301], b[301];
+
+	memset(a, 'a', 300);
+	memset(b, 'b', 300);
+	a[300] = b[300] = '\0';
+	for (unsigned i = 0; !atomic_load(&err_stop); i++)
+		gl_store_set_err(st, "%s", i % 2 ? a : b);
+	return NULL;
+}
+
+START_TEST(error_message_is_whole)
+{
+	gl_store st = {0};
+	char big[600], out[512], small[8];
+	pthread_t t;
+
+	memset(big, 'x', sizeof(big) - 1);
+	big[sizeof(big) - 1] = '\0';
+	gl_store_set_err(&st, "%s", big);
+	ck_assert_uint_eq(strlen(st.errmsg), sizeof(st.errmsg) - 1);
+	gl_store_err(&st, small, sizeof(small));
+	ck_assert_str_eq(small, "xxxxxxx");
+
+	atomic_store(&err_stop, false);
+	ck_assert_int_eq(pthread_create(&t, NULL, err_setter, &st), 0);
+	for (int i = 0; i < 20000; i++) {
+		size_t n;
+
+		gl_store_err(&st, out, sizeof(out));
+		n = strlen(out);
+		if (n == sizeof(st.errmsg) - 1)
+			continue; /* the setter has not begun yet */
+		ck_assert_uint_eq(n, 300);
+		ck_assert_msg(strspn(out, out[0] == 'a' ? "a" : "b") == 300, "torn: %s", out);
+	}
+	atomic_store(&err_stop, true);
+	pthread_join(t, NULL);
+}
+END_TEST
+
 static Suite *store_suite(void)
 {
 	Suite *s = suite_create("store");
@@ -907,6 +957,7 @@ static Suite *store_suite(void)
 	tcase_add_test(tc, batch_fails_whole_bad_op);
 	tcase_add_test(tc, batch_fails_whole_trigger);
 	tcase_add_test(tc, disk_full_is_enospc);
+	tcase_add_test(tc, error_message_is_whole);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("events");
